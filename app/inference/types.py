@@ -1,0 +1,107 @@
+"""The engine's public vocabulary: what callers submit, what they get back, and how it can fail.
+
+This module is the contract between the inference engine and everything that uses it (the API,
+the benchmark, the tests). It imports neither torch nor FastAPI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation settings, with OpenAI's meanings.
+
+    temperature 0 means greedy decoding. top_k 0 and top_p 1.0 disable those filters.
+    ignore_eos (vLLM's extension) keeps generating past end-of-sequence so that exactly
+    max_tokens tokens come out: benchmarks use it for comparable runs.
+    """
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Either chat messages (rendered with the tokenizer's chat template) or a raw prompt."""
+
+    params: SamplingParams = field(default_factory=SamplingParams)
+    messages: tuple[dict[str, str], ...] | None = None
+    prompt: str | None = None
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New text since the previous delta; never splits a multi-byte character."""
+
+    text: str
+    token_count: int
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The last item of every stream."""
+
+    finish_reason: FinishReason
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float | None
+    decode_s: float
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for health checks, heartbeats and metrics."""
+
+    running: int
+    queued: int
+    max_batch_size: int
+    max_queue: int
+    requests_total: int
+    tokens_generated_total: int
+    accepting: bool
+
+
+class EngineError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+
+class EngineFullError(EngineError):
+    """Running batch and queue are both full: the API answers 429 with Retry-After."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class PromptTooLongError(EngineError):
+    """The prompt exceeds ZEUS_MAX_INPUT_TOKENS or the model's context: the API answers 400."""
+
+    def __init__(self, message: str, limit: int, actual: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.actual = actual
+
+
+class InvalidRequestError(EngineError):
+    """Parameters the engine cannot honour (for instance max_tokens beyond the limit): 400/422."""
+
+
+class EngineClosedError(EngineError):
+    """The engine is shutting down or not started: the API answers 503."""
+
+
+class ModelLoadError(EngineError):
+    """The model folder is missing or broken, or loading ran out of memory; one clear line."""
