@@ -62,7 +62,10 @@ test-molecule: setup wheelhouse ## every Molecule scenario on local systemd host
 test: lint test-python test-molecule ## every check CI runs
 
 wheelhouse: setup ## wheels of the runtime dependencies and of Zeus itself, for hosts without internet
-	bash molecule/resources/build-wheelhouse.sh
+	mkdir -p build/wheelhouse
+	rm -f build/wheelhouse/zeus-*.whl
+	$(VENV)/bin/pip download --quiet --disable-pip-version-check -r requirements/runtime.lock -d build/wheelhouse
+	$(VENV)/bin/pip wheel --quiet --no-deps --no-build-isolation -w build/wheelhouse .
 
 lab: setup wheelhouse ## local lab hosts (podman + systemd) running Zeus at http://localhost:8081
 	bash molecule/resources/lab.sh up

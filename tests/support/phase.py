@@ -1,4 +1,4 @@
-"""Run one phase of the test command and print how long it took: `python -m tests.support.phase NAME -- CMD...`."""
+"""Run one phase of the test command and print its duration: `python -m tests.support.phase NAME -- CMD`."""
 
 from __future__ import annotations
 
