@@ -22,7 +22,7 @@ help: ## list the targets
 
 setup: $(VENV)/.installed $(MODEL_DIR)/manifest.json ## venv with pinned dependencies + SmolLM2 in models/ (safe to re-run)
 
-$(VENV)/.installed: requirements/dev.lock pyproject.toml
+$(VENV)/.installed: requirements/dev.lock pyproject.toml | system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -r requirements/dev.lock
@@ -39,10 +39,16 @@ model: $(MODEL_DIR)/manifest.json ## convert SmolLM2-135M-Instruct into models/ 
 lock: ## re-resolve requirements/*.lock from requirements/*.in
 	$(PY) -m tests.support.lock requirements/runtime.in requirements/dev.in
 
-system-deps: ## Debian packages the tests and the lab need (run as root)
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	  python3-venv postgresql nginx podman runc debootstrap zstd chromium fonts-dejavu-core \
-	  rsync curl ca-certificates
+SYSTEM_PACKAGES := python3-venv postgresql nginx podman runc debootstrap zstd chromium \
+                   fonts-dejavu-core curl ca-certificates
+
+system-deps: ## Debian packages the tests and the lab need (installs only what is missing; root)
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+	  | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:" $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
 
 test-services: ## start the PostgreSQL the Python tests use
 	bash tests/support/start-postgres.sh
@@ -59,7 +65,7 @@ test-python: setup test-services ## pytest: engine, API on PostgreSQL, browser t
 test-molecule: setup wheelhouse ## every Molecule scenario on local systemd hosts
 	$(PHASE) molecule -- bash molecule/resources/run-scenarios.sh
 
-test: lint test-python test-molecule ## every check CI runs
+test: system-deps lint test-python test-molecule ## every check CI runs
 
 wheelhouse: setup ## wheels of the runtime dependencies and of Zeus itself, for hosts without internet
 	mkdir -p build/wheelhouse
@@ -67,7 +73,7 @@ wheelhouse: setup ## wheels of the runtime dependencies and of Zeus itself, for 
 	$(VENV)/bin/pip download --quiet --disable-pip-version-check -r requirements/runtime.lock -d build/wheelhouse
 	$(VENV)/bin/pip wheel --quiet --no-deps --no-build-isolation -w build/wheelhouse .
 
-lab: setup wheelhouse ## local lab hosts (podman + systemd) running Zeus at http://localhost:8081
+lab: system-deps setup wheelhouse ## local lab hosts (podman + systemd) running Zeus at http://localhost:8081
 	bash molecule/resources/lab.sh up
 
 lab-down: ## remove the lab hosts
