@@ -59,6 +59,8 @@ class GenerationResult:
     ttft_s: float | None
     decode_s: float
     error: str | None = None
+    # The generated token ids (end-of-sequence included when the model wrote it): tests compare them.
+    token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,28 @@ class EngineStats:
     requests_total: int
     tokens_generated_total: int
     accepting: bool
+    # Forward passes of the running batch since start: a clock measured in decode steps.
+    decode_steps_total: int = 0
+
+
+class EngineObserver:
+    """Metrics hooks; subclass and override what you need (every method here does nothing).
+
+    The engine calls them from its scheduler thread, so they must be thread-safe and quick
+    (prometheus_client metrics are both). An exception raised by a hook is logged and ignored.
+    """
+
+    def on_request_queued(self, queued: int) -> None:
+        """A request was accepted; `queued` requests now wait for a slot."""
+
+    def on_first_token(self, ttft_s: float) -> None:
+        """A request produced its first token, `ttft_s` after it was submitted."""
+
+    def on_step(self, running: int, queued: int, new_tokens: int, step_s: float) -> None:
+        """One scheduler iteration: batch size, queue depth, tokens produced, wall time."""
+
+    def on_request_finished(self, result: GenerationResult) -> None:
+        """A request ended (any finish reason). TPOT = decode_s / (completion_tokens - 1)."""
 
 
 class EngineError(Exception):

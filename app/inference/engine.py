@@ -1,0 +1,712 @@
+"""The inference engine: iteration-level continuous batching of a Hugging Face causal LM.
+
+One scheduler thread owns the model (torch releases the GIL during the forward pass, so the
+asyncio loop of the API keeps serving). Each iteration it:
+
+1. drops cancelled requests (queued, prefilling or running) and admits queued ones while the
+   batch has room (max_batch_size running, max_queue waiting; beyond that submit() raises
+   EngineFullError at once);
+2. prefills admitted prompts one at a time, in chunks of at most `prefill_chunk_tokens` tokens
+   per iteration while other sequences are decoding, so a long prompt never stalls the running
+   streams for more than one chunk; a finished prefill samples the first token;
+3. joins the freshly prefilled sequences into the running batch: the batch keeps one KV cache
+   with every row left-padded to a common length, an explicit 2-D attention mask marks the
+   padding, and position ids count only real tokens, so each row computes what it would alone;
+4. runs one decode step for the whole batch (logits of the last position only), samples each
+   row with its own settings, detokenizes incrementally, and removes finished rows at once
+   (their cache rows are dropped and all-padding columns on the left are trimmed).
+
+Results travel to the asyncio loop through `loop.call_soon_threadsafe`, batched per step, into
+one asyncio queue per request. A request's stream yields TextDelta items and then exactly one
+GenerationResult. Cancelling (stream.cancel(), aclose(), or leaving `async for` early) marks the
+sequence; the scheduler drops it before its next forward pass.
+
+Metrics: `stats()` returns counters, and an optional EngineObserver (types.py) receives
+on_request_queued / on_first_token / on_step / on_request_finished calls from the scheduler thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as functional
+
+from app.inference.detokenizer import IncrementalDetokenizer, StopStringFilter
+from app.inference.loading import LoadedModel, load_model
+from app.inference.sampling import make_generator, sample_next_tokens
+from app.inference.types import (
+    EngineClosedError,
+    EngineFullError,
+    EngineObserver,
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    InvalidRequestError,
+    ModelLoadError,
+    PromptTooLongError,
+    SamplingParams,
+    TextDelta,
+)
+
+logger = logging.getLogger(__name__)
+
+_MAX_STOP_STRINGS = 16
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_path: str | Path
+    device: str = "auto"
+    # "auto": bf16 on CUDA and on CPUs with native bf16, else fp32. Tests force "float32".
+    dtype: str = "auto"
+    torch_threads: int | None = None
+    max_batch_size: int = 8
+    max_queue: int = 64
+    max_input_tokens: int = 4096
+    max_new_tokens: int = 1024
+    # Prompt tokens prefilled per iteration while other sequences decode: bounds their stall.
+    prefill_chunk_tokens: int = 256
+
+
+class RequestStream:
+    """What submit() returns: `async for item in stream` yields TextDelta items, then one GenerationResult."""
+
+    def __init__(self, request_id: str, prompt_tokens: int, wake_scheduler: Callable[[], None]) -> None:
+        self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
+        self._items: asyncio.Queue[TextDelta | GenerationResult] = asyncio.Queue()
+        self._wake_scheduler = wake_scheduler
+        self.cancel_requested = False
+        self.finished = False
+
+    def cancel(self) -> None:
+        """Stop generating; the stream still ends with a GenerationResult (finish_reason "cancelled")."""
+        if not self.finished and not self.cancel_requested:
+            self.cancel_requested = True
+            self._wake_scheduler()
+
+    async def aclose(self) -> None:
+        self.cancel()
+
+    def _deliver(self, item: TextDelta | GenerationResult) -> None:
+        self._items.put_nowait(item)
+
+    def __aiter__(self) -> AsyncIterator[TextDelta | GenerationResult]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[TextDelta | GenerationResult]:
+        try:
+            while True:
+                item = await self._items.get()
+                yield item
+                if isinstance(item, GenerationResult):
+                    return
+        finally:
+            # Reached when the consumer leaves the loop early (break, exception, aclose): free the slot.
+            self.cancel()
+
+    async def result(self) -> GenerationResult:
+        """Consume the stream and return the final record."""
+        async for item in self:
+            if isinstance(item, GenerationResult):
+                return item
+        raise AssertionError("a stream always ends with a GenerationResult")
+
+
+@dataclass(eq=False)
+class _Sequence:
+    stream: RequestStream
+    params: SamplingParams
+    prompt_ids: list[int]
+    submitted_at: float
+    detokenizer: IncrementalDetokenizer
+    stop_filter: StopStringFilter
+    generator: torch.Generator | None
+    prefilled: int = 0
+    prefill_cache: Any = None
+    output_ids: list[int] = field(default_factory=list)
+    first_token_at: float | None = None
+    # Tokens consumed since the last TextDelta (a delta may be empty while a character is incomplete).
+    pending_token_count: int = 0
+
+
+@dataclass(eq=False)
+class _Block:
+    """Sequences sharing one KV cache; each row is left-padded by `pad[row]` columns."""
+
+    sequences: list[_Sequence]
+    cache: Any
+    pad: list[int]
+
+
+def _select_rows(cache: Any, pad: list[int], keep: list[int], device: torch.device) -> list[int]:
+    """Keep only rows `keep` of the cache (in place), trim padding columns no row needs; new padding."""
+    kept_pad = [pad[row] for row in keep]
+    trim = min(kept_pad)
+    if len(keep) == len(pad) and trim == 0:
+        return kept_pad
+    index = torch.tensor(keep, device=device)
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(0, index)[:, :, trim:, :]
+        layer.values = layer.values.index_select(0, index)[:, :, trim:, :]
+    return [p - trim for p in kept_pad]
+
+
+def _stack(parts: list[tuple[Any, list[int]]]) -> tuple[Any, list[int]]:
+    """Concatenate caches along the batch, left-padding each to the longest; reuses the first cache."""
+    lengths = [cache.get_seq_length() for cache, _ in parts]
+    width = max(lengths)
+    target = parts[0][0]
+    if len(parts) == 1 and lengths[0] == width:
+        return target, list(parts[0][1])
+    for index, layer in enumerate(target.layers):
+        keys, values = [], []
+        for (cache, _), length in zip(parts, lengths, strict=True):
+            source = cache.layers[index]
+            keys.append(functional.pad(source.keys, (0, 0, width - length, 0)))
+            values.append(functional.pad(source.values, (0, 0, width - length, 0)))
+        layer.keys = torch.cat(keys, dim=0)
+        layer.values = torch.cat(values, dim=0)
+    pad = [
+        p + width - length for (_, block_pad), length in zip(parts, lengths, strict=True) for p in block_pad
+    ]
+    return target, pad
+
+
+class InferenceEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel, observer: EngineObserver | None) -> None:
+        self.config = config
+        self._loaded = loaded
+        self._model = loaded.model
+        self._tokenizer = loaded.tokenizer
+        self._observer = observer
+        self._lock = threading.Condition()
+        self._incoming: deque[_Sequence] = deque()
+        self._waiting: deque[_Sequence] = deque()
+        self._prefilling: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._cache: Any = None  # DynamicCache of the running batch, rows aligned with _running
+        self._pad: list[int] = []  # left-padding columns of each running row
+        self._in_system = 0
+        self._accepting = False
+        self._stop_at: float | None = None  # monotonic deadline once shutdown() began
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._outbox: list[tuple[RequestStream, TextDelta | GenerationResult]] = []
+        self._undelivered: list[tuple[RequestStream, TextDelta | GenerationResult]] = []
+        self._delivery_lock = threading.Lock()
+        self._delivery_scheduled = False
+        self._requests_total = 0
+        self._tokens_total = 0
+        self._steps_total = 0
+        self._recent_request_seconds = 10.0
+
+    # ----- construction and lifecycle -------------------------------------------------------
+
+    @classmethod
+    def load(cls, config: EngineConfig, observer: EngineObserver | None = None) -> InferenceEngine:
+        """Load the model (blocking, seconds). Raises ModelLoadError with one line naming what is wrong."""
+        if config.max_batch_size < 1 or config.max_queue < 0 or config.prefill_chunk_tokens < 1:
+            raise ModelLoadError(
+                "engine limits must be positive: "
+                f"max_batch_size={config.max_batch_size}, max_queue={config.max_queue}, "
+                f"prefill_chunk_tokens={config.prefill_chunk_tokens}"
+            )
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        loaded = load_model(config.model_path, device=config.device, dtype=config.dtype)
+        _check_cache_layout(loaded.model)
+        return cls(config, loaded, observer)
+
+    @property
+    def model_name(self) -> str:
+        return self._loaded.name
+
+    @property
+    def device(self) -> str:
+        return str(self._loaded.device)
+
+    @property
+    def dtype(self) -> str:
+        return str(self._loaded.dtype).removeprefix("torch.")
+
+    @property
+    def context_length(self) -> int:
+        return self._loaded.context_length
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def model(self) -> Any:
+        """The underlying transformers model (the benchmark's naive baseline runs generate() on it)."""
+        return self._model
+
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._accepting = True
+        self._thread = threading.Thread(target=self._run, name="zeus-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Stop accepting; let accepted work finish for up to timeout_s, cancel what remains; join."""
+        with self._lock:
+            self._accepting = False
+            self._stop_at = time.monotonic() + max(0.0, timeout_s)
+            self._lock.notify_all()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return EngineStats(
+                running=len(self._running) + len(self._prefilling),
+                queued=len(self._waiting) + len(self._incoming),
+                max_batch_size=self.config.max_batch_size,
+                max_queue=self.config.max_queue,
+                requests_total=self._requests_total,
+                tokens_generated_total=self._tokens_total,
+                accepting=self._accepting,
+                decode_steps_total=self._steps_total,
+            )
+
+    # ----- submission (event loop thread) ---------------------------------------------------
+
+    def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
+        """The token ids the model will see for this request (chat template applied)."""
+        if (request.messages is None) == (request.prompt is None):
+            raise InvalidRequestError("send either messages or a prompt, not both and not neither")
+        if request.prompt is not None:
+            return list(self._tokenizer(request.prompt)["input_ids"])
+        if not request.messages:
+            raise InvalidRequestError("messages must not be empty")
+        if not self._tokenizer.chat_template:
+            raise InvalidRequestError(f"model {self.model_name} has no chat template: send a raw prompt")
+        for message in request.messages:
+            if not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+                raise InvalidRequestError("each message needs a string role and a string content")
+        text = self._tokenizer.apply_chat_template(
+            [dict(message) for message in request.messages], add_generation_prompt=True, tokenize=False
+        )
+        # The template already wrote the special tokens; the tokenizer must not add a second BOS.
+        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        return len(self.prompt_token_ids(request))
+
+    def _validate(self, params: SamplingParams, prompt_length: int) -> None:
+        if params.max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be at least 1, got {params.max_tokens}")
+        if params.max_tokens > self.config.max_new_tokens:
+            raise InvalidRequestError(
+                f"max_tokens {params.max_tokens} exceeds the limit of {self.config.max_new_tokens}"
+            )
+        if not (math.isfinite(params.temperature) and params.temperature >= 0):
+            raise InvalidRequestError(f"temperature must be 0 or more, got {params.temperature}")
+        if not 0 < params.top_p <= 1:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {params.top_p}")
+        if params.top_k < 0:
+            raise InvalidRequestError(f"top_k must be 0 (off) or more, got {params.top_k}")
+        if len(params.stop) > _MAX_STOP_STRINGS:
+            raise InvalidRequestError(f"at most {_MAX_STOP_STRINGS} stop strings, got {len(params.stop)}")
+        if prompt_length == 0:
+            raise InvalidRequestError("the prompt is empty")
+        if prompt_length > self.config.max_input_tokens:
+            raise PromptTooLongError(
+                f"the prompt has {prompt_length} tokens; the limit is {self.config.max_input_tokens}",
+                limit=self.config.max_input_tokens,
+                actual=prompt_length,
+            )
+        context = self._loaded.context_length
+        if prompt_length + params.max_tokens > context:
+            raise PromptTooLongError(
+                f"the prompt has {prompt_length} tokens and max_tokens is {params.max_tokens}; together "
+                f"they exceed the model's context of {context} tokens "
+                f"(at most {max(context - params.max_tokens, 0)} prompt tokens with this max_tokens)",
+                limit=max(context - params.max_tokens, 0),
+                actual=prompt_length,
+            )
+
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        """Queue a request; raises at once when it cannot be served (see types.py for the errors)."""
+        if not self._accepting:
+            raise EngineClosedError("the engine is not accepting requests (not started or shutting down)")
+        prompt_ids = self.prompt_token_ids(request)
+        self._validate(request.params, len(prompt_ids))
+        stream = RequestStream(request.request_id, len(prompt_ids), self._wake)
+        sequence = _Sequence(
+            stream=stream,
+            params=request.params,
+            prompt_ids=prompt_ids,
+            submitted_at=time.monotonic(),
+            detokenizer=IncrementalDetokenizer(self._tokenizer, prompt_ids),
+            stop_filter=StopStringFilter(request.params.stop),
+            generator=make_generator(request.params, self._loaded.device),
+        )
+        with self._lock:
+            if not self._accepting:
+                raise EngineClosedError("the engine is shutting down")
+            capacity = self.config.max_batch_size + self.config.max_queue
+            if self._in_system >= capacity:
+                raise EngineFullError(
+                    f"the engine is full: {self.config.max_batch_size} running and "
+                    f"{self.config.max_queue} queued requests",
+                    retry_after_s=self._retry_after_s(),
+                )
+            self._in_system += 1
+            self._requests_total += 1
+            self._incoming.append(sequence)
+            queued = len(self._incoming) + len(self._waiting)
+            self._lock.notify_all()
+        self._notify("on_request_queued", queued)
+        return stream
+
+    def _retry_after_s(self) -> int:
+        # Time for the queue ahead to drain through the batch, from recent request durations.
+        waves = 1 + (len(self._waiting) + len(self._incoming)) / self.config.max_batch_size
+        return max(1, math.ceil(self._recent_request_seconds * waves))
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._lock.notify_all()
+
+    # ----- scheduler thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    while self._incoming:
+                        self._waiting.append(self._incoming.popleft())
+                    idle = not (self._waiting or self._prefilling or self._running)
+                    if idle and self._stop_at is not None:
+                        break
+                    if idle:
+                        self._lock.wait(timeout=1.0)
+                        continue
+                    past_deadline = self._stop_at is not None and time.monotonic() >= self._stop_at
+                if past_deadline:
+                    self._cancel_everything()
+                    self._flush_outbox()
+                    continue
+                try:
+                    self._iteration()
+                except Exception as error:
+                    logger.exception("engine step failed; failing the affected requests")
+                    self._fail_everything(error)
+                self._flush_outbox()
+
+    def _iteration(self) -> None:
+        started = time.monotonic()
+        tokens_before = self._tokens_total
+        self._drop_cancelled()
+        while self._waiting and len(self._running) + len(self._prefilling) < self.config.max_batch_size:
+            self._prefilling.append(self._waiting.popleft())
+        ready = self._prefill()
+        if ready:
+            self._join(ready)
+        if self._running:
+            self._decode_step()
+        self._notify(
+            "on_step",
+            len(self._running) + len(self._prefilling),
+            len(self._waiting) + len(self._incoming),
+            self._tokens_total - tokens_before,
+            time.monotonic() - started,
+        )
+
+    def _drop_cancelled(self) -> None:
+        for queue in (self._waiting, self._prefilling):
+            for sequence in [s for s in queue if s.stream.cancel_requested]:
+                queue.remove(sequence)
+                self._finish(sequence, "cancelled")
+        keep = [row for row, s in enumerate(self._running) if not s.stream.cancel_requested]
+        if len(keep) < len(self._running):
+            for sequence in self._running:
+                if sequence.stream.cancel_requested:
+                    self._finish(sequence, "cancelled")
+            self._keep_rows(keep)
+
+    def _prefill(self) -> list[_Block]:
+        """Prefill admitted prompts within this iteration's token budget; return blocks ready to decode.
+
+        Short prompts that wait together are prefilled together (one left-padded forward pass);
+        a prompt longer than a chunk is prefilled alone, one chunk per iteration.
+        """
+        chunk_limit = self.config.prefill_chunk_tokens
+        # With nothing decoding there is nobody to stall: take a larger share of the queue at once.
+        budget = chunk_limit if self._running else 4 * chunk_limit
+        ready: list[_Block] = []
+        while self._prefilling and budget > 0:
+            head = self._prefilling[0]
+            if head.prefilled == 0 and len(head.prompt_ids) <= chunk_limit:
+                group = self._take_prefill_group(budget)
+                block, logits = self._prefill_group(group)
+                budget -= len(group) * (len(group[0].prompt_ids) + block.pad[0])
+            else:
+                chunk = min(len(head.prompt_ids) - head.prefilled, budget, chunk_limit)
+                logits = self._prefill_chunk(head, chunk)
+                budget -= chunk
+                if head.prefilled < len(head.prompt_ids):
+                    continue
+                self._prefilling.popleft()
+                block = _Block(sequences=[head], cache=head.prefill_cache, pad=[0])
+                head.prefill_cache = None
+            tokens = sample_next_tokens(
+                logits, [s.params for s in block.sequences], [s.generator for s in block.sequences]
+            )
+            keep = [
+                row
+                for row, (sequence, token) in enumerate(zip(block.sequences, tokens, strict=True))
+                if not self._accept_token(sequence, token)
+            ]
+            if keep:
+                block.pad = _select_rows(block.cache, block.pad, keep, self._loaded.device)
+                block.sequences = [block.sequences[row] for row in keep]
+                ready.append(block)
+            # First tokens reach their clients now, not after the rest of this iteration.
+            self._flush_outbox()
+        return ready
+
+    def _take_prefill_group(self, budget: float) -> list[_Sequence]:
+        chunk_limit = self.config.prefill_chunk_tokens
+        group = [self._prefilling.popleft()]
+        width = len(group[0].prompt_ids)
+        while self._prefilling and self._prefilling[0].prefilled == 0:
+            length = len(self._prefilling[0].prompt_ids)
+            padded_total = max(width, length) * (len(group) + 1)
+            if length > chunk_limit or padded_total > budget:
+                break
+            group.append(self._prefilling.popleft())
+            width = max(width, length)
+        return group
+
+    def _prefill_group(self, group: list[_Sequence]) -> tuple[_Block, torch.Tensor]:
+        from transformers import DynamicCache
+
+        device = self._loaded.device
+        width = max(len(s.prompt_ids) for s in group)
+        pad = [width - len(s.prompt_ids) for s in group]
+        # The padding token's identity does not matter: the mask hides it from every real token.
+        filler = group[0].prompt_ids[0]
+        input_ids = torch.tensor(
+            [[filler] * p + s.prompt_ids for s, p in zip(group, pad, strict=True)], device=device
+        )
+        attention_mask = None
+        position_ids = torch.arange(width, device=device).unsqueeze(0).expand(len(group), -1)
+        if any(pad):
+            columns = torch.arange(width, device=device).unsqueeze(0)
+            pad_tensor = torch.tensor(pad, device=device).unsqueeze(1)
+            attention_mask = (columns >= pad_tensor).long()
+            position_ids = (columns - pad_tensor).clamp(min=0)
+        cache = DynamicCache(config=self._model.config)
+        output = self._model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        for sequence in group:
+            sequence.prefilled = len(sequence.prompt_ids)
+        return _Block(sequences=group, cache=cache, pad=pad), output.logits[:, -1, :]
+
+    def _prefill_chunk(self, sequence: _Sequence, chunk: int) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        if sequence.prefill_cache is None:
+            sequence.prefill_cache = DynamicCache(config=self._model.config)
+        start = sequence.prefilled
+        input_ids = torch.tensor([sequence.prompt_ids[start : start + chunk]], device=self._loaded.device)
+        position_ids = torch.arange(start, start + chunk, device=self._loaded.device).unsqueeze(0)
+        output = self._model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            past_key_values=sequence.prefill_cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        sequence.prefilled += chunk
+        return output.logits[:, -1, :]
+
+    def _join(self, blocks: list[_Block]) -> None:
+        """Stack freshly prefilled blocks under the running batch (all left-padded to one length)."""
+        parts = [(self._cache, self._pad)] if self._running else []
+        parts += [(block.cache, block.pad) for block in blocks]
+        self._cache, self._pad = _stack(parts)
+        for block in blocks:
+            self._running.extend(block.sequences)
+
+    def _decode_step(self) -> None:
+        device = self._loaded.device
+        cache_length = self._cache.get_seq_length()
+        input_ids = torch.tensor([[s.output_ids[-1]] for s in self._running], device=device)
+        pad = torch.tensor(self._pad, device=device)
+        position_ids = (cache_length - pad).unsqueeze(1)
+        attention_mask = None
+        if any(self._pad):
+            columns = torch.arange(cache_length + 1, device=device).unsqueeze(0)
+            attention_mask = (columns >= pad.unsqueeze(1)).long()
+        output = self._model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=self._cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        tokens = sample_next_tokens(
+            output.logits[:, -1, :],
+            [s.params for s in self._running],
+            [s.generator for s in self._running],
+        )
+        self._steps_total += 1
+        keep = [
+            row
+            for row, (sequence, token) in enumerate(zip(self._running, tokens, strict=True))
+            if not self._accept_token(sequence, token)
+        ]
+        if len(keep) < len(self._running):
+            self._keep_rows(keep)
+
+    def _keep_rows(self, keep: list[int]) -> None:
+        """Drop finished rows from the running batch at once, freeing their share of the cache."""
+        self._running = [self._running[row] for row in keep]
+        if not self._running:
+            self._cache, self._pad = None, []
+            return
+        self._pad = _select_rows(self._cache, self._pad, keep, self._loaded.device)
+
+    def _accept_token(self, sequence: _Sequence, token: int) -> bool:
+        """Record a sampled token, queue its text; True when the sequence is finished (and reported)."""
+        now = time.monotonic()
+        sequence.output_ids.append(token)
+        sequence.pending_token_count += 1
+        self._tokens_total += 1
+        if sequence.first_token_at is None:
+            sequence.first_token_at = now
+            self._notify("on_first_token", now - sequence.submitted_at)
+        is_eos = token in self._loaded.eos_token_ids and not sequence.params.ignore_eos
+        if not is_eos:
+            text = sequence.stop_filter.feed(sequence.detokenizer.add_token(token))
+            self._emit_text(sequence, text)
+            if sequence.stop_filter.stopped:
+                self._finish(sequence, "stop")
+                return True
+        if is_eos:
+            self._finish(sequence, "stop")
+            return True
+        if len(sequence.output_ids) >= sequence.params.max_tokens:
+            self._finish(sequence, "length")
+            return True
+        return False
+
+    def _emit_text(self, sequence: _Sequence, text: str) -> None:
+        if text:
+            delta = TextDelta(text=text, token_count=sequence.pending_token_count)
+            self._outbox.append((sequence.stream, delta))
+            sequence.pending_token_count = 0
+
+    def _finish(self, sequence: _Sequence, reason: FinishReason, error: str | None = None) -> None:
+        if reason in ("length", "stop") and not sequence.stop_filter.stopped:
+            tail = sequence.stop_filter.feed(sequence.detokenizer.flush())
+            self._emit_text(sequence, tail + sequence.stop_filter.flush())
+        now = time.monotonic()
+        first = sequence.first_token_at
+        result = GenerationResult(
+            finish_reason=reason,
+            text=sequence.stop_filter.text,
+            prompt_tokens=len(sequence.prompt_ids),
+            completion_tokens=len(sequence.output_ids),
+            ttft_s=None if first is None else first - sequence.submitted_at,
+            decode_s=0.0 if first is None else now - first,
+            error=error,
+            token_ids=tuple(sequence.output_ids),
+        )
+        sequence.prefill_cache = None
+        sequence.stream.finished = True
+        self._outbox.append((sequence.stream, result))
+        with self._lock:
+            self._in_system -= 1
+        # A smoothed request duration feeds Retry-After estimates.
+        elapsed = now - sequence.submitted_at
+        self._recent_request_seconds = 0.8 * self._recent_request_seconds + 0.2 * elapsed
+        self._notify("on_request_finished", result)
+
+    def _cancel_everything(self) -> None:
+        for sequence in [*self._waiting, *self._prefilling, *self._running]:
+            self._finish(sequence, "cancelled")
+        self._waiting.clear()
+        self._prefilling.clear()
+        self._running, self._pad, self._cache = [], [], None
+
+    def _fail_everything(self, error: Exception) -> None:
+        message = f"{type(error).__name__}: {error}"
+        for sequence in [*self._prefilling, *self._running]:
+            self._finish(sequence, "error", error=message)
+        self._prefilling.clear()
+        self._running, self._pad, self._cache = [], [], None
+        if self._loaded.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _flush_outbox(self) -> None:
+        if not self._outbox:
+            return
+        batch, self._outbox = self._outbox, []
+        with self._delivery_lock:
+            self._undelivered.extend(batch)
+            if self._delivery_scheduled or self._loop is None:
+                # The loop has not run the previous delivery yet: it will take these items too.
+                # Fewer wake-ups of the loop mean fewer GIL hand-offs in the decode loop.
+                return
+            self._delivery_scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._deliver_undelivered)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            with self._delivery_lock:
+                self._undelivered.clear()
+
+    def _deliver_undelivered(self) -> None:
+        with self._delivery_lock:
+            batch, self._undelivered = self._undelivered, []
+            self._delivery_scheduled = False
+        for stream, item in batch:
+            stream._deliver(item)
+
+    def _notify(self, hook: str, *args: Any) -> None:
+        if self._observer is None:
+            return
+        try:
+            getattr(self._observer, hook)(*args)
+        except Exception:
+            logger.exception("engine observer hook %s failed", hook)
+
+
+def _check_cache_layout(model: Any) -> None:
+    """The batch surgery above needs plain per-layer key/value tensors (no sliding or hybrid layers)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    layers = DynamicCache(config=model.config).layers
+    unsupported = {type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer}
+    if unsupported:
+        raise ModelLoadError(
+            f"model {model.config.model_type} uses cache layers {sorted(unsupported)}; "
+            "the engine supports full-attention decoder models (Llama, Qwen2, Mistral without sliding window)"
+        )

@@ -1,0 +1,28 @@
+"""python -m bench {engine,serve} ...: see bench/engine_bench.py and bench/serve_bench.py."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from bench import engine_bench, serve_bench
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    modes = parser.add_subparsers(dest="mode", required=True)
+    engine_parser = modes.add_parser("engine", help="naive generate() vs the engine, in process")
+    engine_bench.add_arguments(engine_parser)
+    engine_parser.set_defaults(handler=engine_bench.main)
+    serve_parser = modes.add_parser("serve", help="serving metrics of an OpenAI-compatible endpoint")
+    serve_bench.add_arguments(serve_parser)
+    serve_parser.set_defaults(handler=serve_bench.main)
+    arguments = parser.parse_args(argv)
+    return arguments.handler(arguments)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
