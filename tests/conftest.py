@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.support.live_server import LiveServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2_PATH = REPO_ROOT / "models" / "smollm2-135m-instruct"
@@ -46,7 +50,7 @@ def database_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def live_server(
     database_url: str, tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator:
+) -> Iterator[LiveServer]:
     """The real app in a subprocess (`python -m app serve`) on the tiny model and the session
     database; `.base_url`, `.admin` and `.analyst` (Account: email, password, api_key), created
     with the CLI. Set ZEUS_STATIC_DIR so it serves app/static at / as in development."""

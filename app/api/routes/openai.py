@@ -119,7 +119,7 @@ def list_models(caller: CallerDep, state: StateDep) -> ModelList:
             ModelCard(
                 id=state.engine.model_name,
                 created=int(state.started_at.timestamp()),
-                max_model_len=state.settings.max_input_tokens,
+                max_model_len=state.engine.context_length,
             )
         ]
     )

@@ -307,12 +307,12 @@ async def test_reply_of_an_instance_that_stopped_heartbeating_shows_interrupted(
         assert stored[-1]["status"] == "interrupted" and stored[-1]["content"] == "half a rep"
 
 
-async def test_client_gone_before_the_first_event_still_frees_the_slot(zeus: Zeus, analyst: Member) -> None:
+async def test_client_gone_right_after_sending_frees_the_slot(zeus: Zeus, analyst: Member) -> None:
     async with zeus.client(headers=analyst.bearer) as client:
         conversation = await new_conversation(client)
     body = json.dumps({"content": "Quick", "options": LONG}).encode()
     host, port = zeus.base_url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
+    _reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(
         f"POST /api/conversations/{conversation}/messages HTTP/1.1\r\nHost: {host}\r\n"
         f"Authorization: Bearer {analyst.api_key}\r\nContent-Type: application/json\r\n"
