@@ -73,23 +73,32 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     from matplotlib import pyplot
 
     systems = list(dict.fromkeys(row["system"] for row in rows))
+    all_levels = sorted({row["concurrency"] for row in rows})
     figure, (throughput_axes, ttft_axes) = pyplot.subplots(1, 2, figsize=(11, 4.2))
-    for system in systems:
+    for index, system in enumerate(systems):
+        colour = f"C{index}"
         points = sorted((row for row in rows if row["system"] == system), key=lambda row: row["concurrency"])
         levels = [row["concurrency"] for row in points]
         throughput_axes.plot(
-            levels, [row["metrics"]["output_throughput"] for row in points], marker="o", label=system
+            levels,
+            [row["metrics"]["output_throughput"] for row in points],
+            marker="o",
+            color=colour,
+            label=system,
         )
         for stat, style in (("median", "-"), ("p99", "--")):
             values = [row["metrics"]["ttft_ms"][stat] for row in points]
             if not all(math.isnan(value) for value in values):
                 label = f"{system} {'p50' if stat == 'median' else 'p99'}"
-                ttft_axes.plot(levels, values, style, marker="o", label=label)
+                ttft_axes.plot(levels, values, style, marker="o", color=colour, label=label)
     for axes in (throughput_axes, ttft_axes):
         axes.set_xscale("log", base=2)
+        axes.set_xticks(all_levels, [str(level) for level in all_levels])
+        axes.minorticks_off()
         axes.set_xlabel("concurrency")
         axes.grid(True, alpha=0.3)
-        axes.legend()
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend()
     throughput_axes.set_ylabel("output tokens/s")
     throughput_axes.set_title("aggregate output throughput")
     ttft_axes.set_ylabel("TTFT (ms)")

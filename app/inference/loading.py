@@ -90,7 +90,11 @@ def check_model_folder(path: Path) -> None:
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(error).lower()
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(error).lower()
+    # CUDA says "out of memory"; the CPU allocator says "can't allocate memory"; mmap says "cannot".
+    return any(sign in text for sign in ("out of memory", "can't allocate memory", "cannot allocate memory"))
 
 
 def _needed_gib(path: Path, dtype: torch.dtype) -> float:
@@ -116,9 +120,12 @@ def load_model(model_path: str | os.PathLike[str], device: str = "auto", dtype: 
         raise ModelLoadError(f"cannot load the tokenizer from {path}: {_one_line(error)}") from error
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, dtype=resolved_dtype, device_map=None
+            path,
+            local_files_only=True,
+            dtype=resolved_dtype,
+            # Straight onto the GPU: a detour through host memory would need the weights twice.
+            device_map=str(resolved_device) if resolved_device.type == "cuda" else None,
         )
-        model.to(resolved_device)
     except Exception as error:
         if _is_out_of_memory(error):
             raise ModelLoadError(

@@ -144,3 +144,30 @@ async def test_prompts_arriving_together_are_prefilled_together_and_still_match(
     results = [await stream.result() for stream in streams]
     for result, reference in zip(results, references, strict=True):
         assert list(result.token_ids) == reference
+
+
+async def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(make_engine: EngineFactory) -> None:
+    engine = await make_engine(prefill_chunk_tokens=16)
+    running_request = chat("Tell me a story.", max_tokens=80, temperature=0, ignore_eos=True)
+    long_request = chat("What is the capital of France? " * 8, max_tokens=20, temperature=0, ignore_eos=True)
+    long_prompt_tokens = engine.count_prompt_tokens(long_request)
+    assert long_prompt_tokens > 4 * 16
+    references = [reference_tokens(engine, running_request), reference_tokens(engine, long_request)]
+
+    running = engine.submit(running_request)
+    await wait_for(lambda: engine.stats().decode_steps_total >= 3)
+    steps_before = engine.stats().decode_steps_total
+    steps_at_first_token = None
+    async for item in engine.submit(long_request):
+        if steps_at_first_token is None:
+            steps_at_first_token = engine.stats().decode_steps_total
+        long_result = item
+    # One chunk per iteration, each followed by a decode step of the running request: it kept streaming.
+    chunks = -(-long_prompt_tokens // 16)
+    assert steps_at_first_token is not None
+    assert steps_at_first_token - steps_before >= chunks - 1
+
+    assert isinstance(long_result, GenerationResult)
+    running_result = await running.result()
+    assert list(running_result.token_ids) == references[0]
+    assert list(long_result.token_ids) == references[1]

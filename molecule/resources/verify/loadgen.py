@@ -91,11 +91,15 @@ class LoadGenerator:
         self.stop()
 
     def _run(self, index: int) -> None:
-        # One connection pool per thread, like independent clients.
+        # A new connection per request: an nginx reload closes idle keep-alive connections, and a
+        # request sent on one at that moment fails before reaching any server, which HTTP/1.1
+        # clients (browsers, the openai package) answer by retrying. Without reuse, every failure
+        # counted here is one a client could not have avoided.
         with httpx.Client(
             base_url=self.base_url,
             timeout=self.timeout_s,
             headers={"Authorization": f"Bearer {self.api_key}"},
+            limits=httpx.Limits(max_keepalive_connections=0),
         ) as client:
             sent = 0
             while not self._stopping.is_set():

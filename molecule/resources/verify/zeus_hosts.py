@@ -195,12 +195,14 @@ class Deployment:
 
     # --- nginx -------------------------------------------------------------------------------
     def upstream_endpoints(self) -> set[tuple[str, int]]:
-        """(address, port) of every server line in nginx's loaded configuration's upstreams."""
+        """(address, port) of every server in service in the upstreams of nginx's loaded configuration."""
         config = run_on(self.lb_host, "nginx", "-T")
         endpoints: set[tuple[str, int]] = set()
         names_to_addresses = self.addresses
         for block in re.findall(r"^\s*upstream\s+\S+\s*\{(.*?)\}", config, flags=re.S | re.M):
-            for server in re.findall(r"^\s*server\s+([^\s;]+)", block, flags=re.M):
+            for server, parameters in re.findall(r"^\s*server\s+([^\s;]+)([^;]*);", block, flags=re.M):
+                if "down" in parameters.split():
+                    continue  # marked out of service (upgrade.yml does that while restarting one)
                 host, _, port = server.rpartition(":")
                 endpoints.add((names_to_addresses.get(host, host), int(port)))
         return endpoints
