@@ -42,6 +42,7 @@ def test_backup_wipe_restore_gives_the_same_data(deployment: Deployment, admin: 
         new_dumps = sorted(set(BACKUP_DIR.glob("*")) - dumps_before)
         assert len(new_dumps) == 1, f"backup.yml should leave one new file in {BACKUP_DIR}, found {new_dumps}"
         assert new_dumps[0].stat().st_size > 0, f"{new_dumps[0]} is empty"
+        print(f"backup.yml fetched {new_dumps[0].name} ({new_dumps[0].stat().st_size} bytes)")
 
         # The accident: the conversations are deleted, and work goes on after the backup.
         for conversation in before["conversations"]:

@@ -88,6 +88,11 @@ def test_killed_instance_fails_only_its_own_stream_and_comes_back(
         )
         time.sleep(2)
     records = load.records()
+    print(
+        f"killed {kill.instance} after {DELTAS_BEFORE_KILL} deltas; its stream ended "
+        f"{stream_ended_after_s:.1f} s later with {stream.transport_error or stream.first('error')!r}"
+    )
+    print(summarize(records))
 
     # The killed stream ended promptly, without a "done" event, with an error the client sees.
     assert stream is not None
@@ -105,6 +110,7 @@ def test_killed_instance_fails_only_its_own_stream_and_comes_back(
         stored_reply, timeout=120, interval=2, what="the partial reply to be marked interrupted"
     )
     received, stored = stream.text, reply["content"]
+    print(f"stored as {reply['status']}: {len(stored)} characters; the client had received {len(received)}")
     # The instance may have generated a little more than it sent, or sent more than it saved.
     assert received.startswith(stored) or stored.startswith(received), (
         f"stored partial reply {stored!r} does not match what the client received {received!r}"

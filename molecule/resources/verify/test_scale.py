@@ -26,10 +26,15 @@ def test_scaling_under_streaming_load_fails_no_request(
             served_per_step[instances] = sum(
                 1 for record in load.records() if record.ok and record.ended >= step_started
             )
+            print(
+                f"scale.yml -e instances={instances}: {time.monotonic() - step_started:.0f} s, "
+                f"{served_per_step[instances]} streams completed meanwhile"
+            )
             failed = [record for record in load.records() if not record.ok]
             assert not failed, f"after scaling to {instances} per host:\n{summarize(load.records())}"
         time.sleep(3)
     records = load.records()
+    print(summarize(records))
     assert all(record.ok for record in records), summarize(records)
     # The load must have run during every step, or "no failed request" proves nothing.
     assert all(count > 0 for count in served_per_step.values()), (

@@ -18,6 +18,7 @@ def test_rolling_upgrade_under_streaming_load_fails_no_request(
         deployment.run_playbook("playbooks/upgrade.yml", log_name="upgrade")
         time.sleep(3)
     records = load.records()
+    print(summarize(records))
 
     assert all(record.ok for record in records), summarize(records)
     assert len(records) >= 10, f"too little load to prove anything: {summarize(records)}"
