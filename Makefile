@@ -11,6 +11,8 @@ MODEL_DIR := models/smollm2-135m-instruct
 PHASE = $(PY) -m tests.support.phase
 
 export ANSIBLE_HOME := $(CURDIR)/.molecule-work/ansible-home
+# ansible-lint, molecule and the playbooks call tools of the venv by name.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 

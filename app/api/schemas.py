@@ -9,6 +9,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 Role = Literal["admin", "analyst"]
 
+# The largest integer a JSON number carries exactly (JavaScript's MAX_SAFE_INTEGER): a larger bound
+# is rounded to a float by clients and schema tools, so a "valid" seed above it was rejected.
+MAX_SEED = 2**53 - 1
+
 
 def _storable(value: str) -> str:
     """PostgreSQL text cannot hold NUL, and lone surrogates (legal as JSON escapes) are not
@@ -101,7 +105,7 @@ class GenerationOptions(Strict):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     ignore_eos: bool = False
 
 

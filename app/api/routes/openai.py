@@ -24,7 +24,7 @@ from app.api.generation import (
     sse,
     submit,
 )
-from app.api.schemas import Text
+from app.api.schemas import MAX_SEED, Text
 from app.inference.types import GenerationRequest, GenerationResult, SamplingParams, TextDelta
 from app.state import ZeusState
 
@@ -64,7 +64,7 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=-1, description="vLLM extension; 0 or -1 disable it")
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stop: Text | list[Text] | None = Field(default=None, max_length=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
