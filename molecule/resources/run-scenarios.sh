@@ -79,6 +79,12 @@ trap 'exit 130' INT TERM
 ls build/wheelhouse/zeus-*.whl >/dev/null 2>&1 \
     || { echo "build/wheelhouse has no zeus wheel: run 'make wheelhouse' first" >&2; exit 1; }
 
+# Hard links: instant, and `make wheelhouse` replaces files rather than rewriting them in place.
+export ZEUS_MOLECULE_WHEELHOUSE=$work_dir/build/wheelhouse
+rm -rf "$ZEUS_MOLECULE_WHEELHOUSE"
+mkdir -p "$(dirname "$ZEUS_MOLECULE_WHEELHOUSE")"
+cp -al build/wheelhouse "$ZEUS_MOLECULE_WHEELHOUSE" 2>/dev/null || cp -a build/wheelhouse "$ZEUS_MOLECULE_WHEELHOUSE"
+
 phase "image" bash molecule/resources/build-image.sh
 # Leftovers of an interrupted run would make create fail or, worse, test stale hosts.
 remove_hosts
