@@ -136,6 +136,10 @@ def provision(output: Path, force: bool = False) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     convert(gguf, staging)
+    # safetensors writes its file 0600; model files are no secret, and the service user that
+    # serves a copy of this folder must be able to read every file of it.
+    for file in staging.iterdir():
+        file.chmod(0o644)
     _progress("computing checksums")
     files = {
         file.name: sha256_of(file)
