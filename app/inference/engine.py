@@ -43,10 +43,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as functional
 
 from app.inference.detokenizer import IncrementalDetokenizer, StopStringFilter
 from app.inference.loading import LoadedModel, load_model
+from app.inference.model_runner import ModelRunner, StagedKV, check_supported
 from app.inference.sampling import make_generator, sample_next_tokens
 from app.inference.types import (
     EngineClosedError,
@@ -139,104 +139,40 @@ class _Sequence:
     stop_filter: StopStringFilter
     generator: torch.Generator | None
     prefilled: int = 0
-    prefill_cache: Any = None
+    staged: StagedKV | None = None  # keys/values of a prompt prefilled in chunks so far
     output_ids: list[int] = field(default_factory=list)
     first_token_at: float | None = None
     # Tokens consumed since the last TextDelta (a delta may be empty while a character is incomplete).
     pending_token_count: int = 0
 
 
-def _growing_layer_class() -> type:
-    from transformers.cache_utils import DynamicLayer
-
-    class GrowingLayer(DynamicLayer):
-        """A DynamicLayer that appends into spare capacity instead of concatenating every step.
-
-        transformers' DynamicLayer builds a new tensor of the whole cache at each decode step
-        (torch.cat): O(batch x length) copying per layer, a tenth of a batch-8 step on CPU. Here
-        `keys`/`values` are views of a larger buffer; any code that assigns new tensors to them
-        (the engine's row selection and stacking) simply makes the next update re-buffer once.
-        """
-
-        def __init__(self) -> None:
-            super().__init__()
-            self._key_buffer: torch.Tensor | None = None
-            self._value_buffer: torch.Tensor | None = None
-
-        def update(
-            self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            keys, values = self.keys, self.values
-            length = keys.shape[-2] if keys is not None and keys.dim() == 4 else 0
-            needed = length + key_states.shape[-2]
-            buffered = (
-                self._key_buffer is not None
-                and keys is not None
-                and keys.data_ptr() == self._key_buffer.data_ptr()
-                and self._key_buffer.shape[0] == key_states.shape[0]
-                and self._key_buffer.shape[-2] >= needed
-            )
-            if not buffered:
-                capacity = needed + max(64, needed // 2)
-                shape = (*key_states.shape[:2], capacity, key_states.shape[-1])
-                self._key_buffer = key_states.new_empty(shape)
-                self._value_buffer = value_states.new_empty(shape)
-                if length:
-                    self._key_buffer[:, :, :length].copy_(keys)
-                    self._value_buffer[:, :, :length].copy_(values)
-            assert self._key_buffer is not None and self._value_buffer is not None
-            self._key_buffer[:, :, length:needed].copy_(key_states)
-            self._value_buffer[:, :, length:needed].copy_(value_states)
-            self.keys = self._key_buffer[:, :, :needed]
-            self.values = self._value_buffer[:, :, :needed]
-            return self.keys, self.values
-
-    return GrowingLayer
-
-
 @dataclass(eq=False)
 class _Block:
-    """Sequences sharing one KV cache; each row is left-padded by `pad[row]` columns."""
+    """Freshly prefilled sequences, waiting to join the running batch with their staged keys/values."""
 
     sequences: list[_Sequence]
-    cache: Any
-    pad: list[int]
+    staged: StagedKV
+    lengths: list[int]
+
+    def keep(self, rows: list[int]) -> None:
+        self.sequences = [self.sequences[row] for row in rows]
+        self.lengths = [self.lengths[row] for row in rows]
+        if len(rows) < self.staged.keys.shape[1]:
+            index = torch.tensor(rows, device=self.staged.keys.device)
+            self.staged = StagedKV(
+                self.staged.keys.index_select(1, index), self.staged.values.index_select(1, index)
+            )
 
 
-def _select_rows(cache: Any, pad: list[int], keep: list[int], device: torch.device) -> list[int]:
-    """Keep only rows `keep` of the cache (in place), trim padding columns no row needs; new padding."""
-    kept_pad = [pad[row] for row in keep]
-    trim = min(kept_pad)
-    if len(keep) == len(pad) and trim == 0:
-        return kept_pad
-    index = torch.tensor(keep, device=device)
-    for layer in cache.layers:
-        layer.keys = layer.keys.index_select(0, index)[:, :, trim:, :]
-        layer.values = layer.values.index_select(0, index)[:, :, trim:, :]
-    return [p - trim for p in kept_pad]
+def _fill_holes(keep: list[int]) -> list[int]:
+    """New row order after dropping rows: survivors stay in place, the last ones move into the holes.
 
-
-def _stack(parts: list[tuple[Any, list[int]]]) -> tuple[Any, list[int]]:
-    """Concatenate caches along the batch, left-padding each to the longest; reuses the first cache."""
-    lengths = [cache.get_seq_length() for cache, _ in parts]
-    width = max(lengths)
-    target = parts[0][0]
-    if len(parts) == 1 and lengths[0] == width:
-        return target, list(parts[0][1])
-    for index, layer in enumerate(target.layers):
-        keys, values = [], []
-        for (cache, _), length in zip(parts, lengths, strict=True):
-            source = cache.layers[index]
-            keys.append(functional.pad(source.keys, (0, 0, width - length, 0)))
-            values.append(functional.pad(source.values, (0, 0, width - length, 0)))
-        layer.keys = torch.cat(keys, dim=0)
-        layer.values = torch.cat(values, dim=0)
-    pad = [
-        p + width - length for (_, block_pad), length in zip(parts, lengths, strict=True) for p in block_pad
-    ]
-    return target, pad
+    Moving a few rows costs less than shifting every row after the first finished one.
+    """
+    count = len(keep)
+    kept = set(keep)
+    movers = [row for row in keep if row >= count]
+    return [row if row in kept else movers.pop() for row in range(count)]
 
 
 class InferenceEngine:
@@ -249,7 +185,7 @@ class InferenceEngine:
         # encoding prompts on the event loop while decoding on the scheduler thread could otherwise
         # collide on it ("Already borrowed").
         self._scheduler_tokenizer = copy.deepcopy(loaded.tokenizer)
-        self._layer_class = _growing_layer_class()
+        self._runner = ModelRunner(loaded.model, loaded.device, max_slots=config.max_batch_size)
         self._observer = observer
         self._lock = threading.Condition()
         self._incoming: deque[_Sequence] = deque()
@@ -259,8 +195,6 @@ class InferenceEngine:
         # Taken out of _prefilling by the current iteration and not yet in _running: if a forward
         # pass fails in between, these must still get their error result.
         self._between: list[_Sequence] = []
-        self._cache: Any = None  # DynamicCache of the running batch, rows aligned with _running
-        self._pad: list[int] = []  # left-padding columns of each running row
         self._in_system = 0
         self._accepting = False
         self._stop_at: float | None = None  # monotonic deadline once shutdown() began
@@ -289,7 +223,7 @@ class InferenceEngine:
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         loaded = load_model(config.model_path, device=config.device, dtype=config.dtype)
-        _check_cache_layout(loaded.model)
+        check_supported(loaded.model)
         return cls(config, loaded, observer)
 
     @property
@@ -522,7 +456,7 @@ class InferenceEngine:
             if head.prefilled == 0 and len(head.prompt_ids) <= chunk_limit:
                 group = self._take_prefill_group(budget)
                 block, logits = self._prefill_group(group)
-                budget -= len(group) * (len(group[0].prompt_ids) + block.pad[0])
+                budget -= len(group) * max(block.lengths)
             else:
                 chunk = min(len(head.prompt_ids) - head.prefilled, budget, chunk_limit)
                 logits = self._prefill_chunk(head, chunk)
@@ -530,8 +464,9 @@ class InferenceEngine:
                 if head.prefilled < len(head.prompt_ids):
                     continue
                 self._between.append(self._prefilling.popleft())
-                block = _Block(sequences=[head], cache=head.prefill_cache, pad=[0])
-                head.prefill_cache = None
+                assert head.staged is not None
+                block = _Block(sequences=[head], staged=head.staged, lengths=[head.prefilled])
+                head.staged = None
             tokens = sample_next_tokens(
                 logits, [s.params for s in block.sequences], [s.generator for s in block.sequences]
             )
@@ -541,8 +476,7 @@ class InferenceEngine:
                 if not self._accept_token(sequence, token)
             ]
             if keep:
-                block.pad = _select_rows(block.cache, block.pad, keep, self._loaded.device)
-                block.sequences = [block.sequences[row] for row in keep]
+                block.keep(keep)
                 ready.append(block)
             # First tokens reach their clients now, not after the rest of this iteration.
             self._flush_outbox()
@@ -563,89 +497,34 @@ class InferenceEngine:
             width = max(width, length)
         return group
 
-    def _new_cache(self) -> Any:
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self._model.config)
-        cache.layers = [self._layer_class() for _ in cache.layers]
-        return cache
-
     def _prefill_group(self, group: list[_Sequence]) -> tuple[_Block, torch.Tensor]:
-        device = self._loaded.device
-        width = max(len(s.prompt_ids) for s in group)
-        pad = [width - len(s.prompt_ids) for s in group]
-        # The padding token's identity does not matter: the mask hides it from every real token.
-        filler = group[0].prompt_ids[0]
-        input_ids = torch.tensor(
-            [[filler] * p + s.prompt_ids for s, p in zip(group, pad, strict=True)], device=device
-        )
-        attention_mask = None
-        position_ids = torch.arange(width, device=device).unsqueeze(0).expand(len(group), -1)
-        if any(pad):
-            columns = torch.arange(width, device=device).unsqueeze(0)
-            pad_tensor = torch.tensor(pad, device=device).unsqueeze(1)
-            attention_mask = (columns >= pad_tensor).long()
-            position_ids = (columns - pad_tensor).clamp(min=0)
-        cache = self._new_cache()
-        output = self._model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        logits, staged = self._runner.prefill([s.prompt_ids for s in group])
         for sequence in group:
             sequence.prefilled = len(sequence.prompt_ids)
-        return _Block(sequences=group, cache=cache, pad=pad), output.logits[:, -1, :]
+        return _Block(sequences=group, staged=staged, lengths=[len(s.prompt_ids) for s in group]), logits
 
     def _prefill_chunk(self, sequence: _Sequence, chunk: int) -> torch.Tensor:
-        if sequence.prefill_cache is None:
-            sequence.prefill_cache = self._new_cache()
         start = sequence.prefilled
-        input_ids = torch.tensor([sequence.prompt_ids[start : start + chunk]], device=self._loaded.device)
-        position_ids = torch.arange(start, start + chunk, device=self._loaded.device).unsqueeze(0)
-        output = self._model(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            past_key_values=sequence.prefill_cache,
-            use_cache=True,
-            logits_to_keep=1,
+        logits, sequence.staged = self._runner.prefill(
+            [sequence.prompt_ids[start : start + chunk]], past=sequence.staged
         )
         sequence.prefilled += chunk
-        return output.logits[:, -1, :]
+        return logits
 
     def _join(self, blocks: list[_Block]) -> None:
-        """Stack freshly prefilled blocks under the running batch (all left-padded to one length)."""
-        parts = [(self._cache, self._pad)] if self._running else []
-        parts += [(block.cache, block.pad) for block in blocks]
-        self._cache, self._pad = _stack(parts)
+        """Freshly prefilled blocks join the running batch in the slots after the running rows."""
         for block in blocks:
+            self._runner.add_rows(block.staged, block.lengths)
             self._running.extend(block.sequences)
 
     def _decode_step(self) -> None:
-        device = self._loaded.device
-        cache_length = self._cache.get_seq_length()
-        input_ids = torch.tensor([[s.output_ids[-1]] for s in self._running], device=device)
-        pad = torch.tensor(self._pad, device=device)
-        position_ids = (cache_length - pad).unsqueeze(1)
-        attention_mask = None
-        if any(self._pad):
-            columns = torch.arange(cache_length + 1, device=device).unsqueeze(0)
-            attention_mask = (columns >= pad.unsqueeze(1)).long()
+        token_ids = [s.output_ids[-1] for s in self._running]
         # The previous step's text reaches the event loop now: its thread then works while this
         # thread computes (torch releases the GIL), instead of both contending for the GIL in between.
         self._flush_outbox()
-        output = self._model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=self._cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        logits = self._runner.decode(token_ids)
         tokens = sample_next_tokens(
-            output.logits[:, -1, :],
+            logits,
             [s.params for s in self._running],
             [s.generator for s in self._running],
         )
@@ -660,11 +539,9 @@ class InferenceEngine:
 
     def _keep_rows(self, keep: list[int]) -> None:
         """Drop finished rows from the running batch at once, freeing their share of the cache."""
-        self._running = [self._running[row] for row in keep]
-        if not self._running:
-            self._cache, self._pad = None, []
-            return
-        self._pad = _select_rows(self._cache, self._pad, keep, self._loaded.device)
+        order = _fill_holes(keep)
+        self._running = [self._running[row] for row in order]
+        self._runner.keep_rows(order)
 
     def _accept_token(self, sequence: _Sequence, token: int) -> bool:
         """Record a sampled token, queue its text; True when the sequence is finished (and reported)."""
@@ -712,7 +589,7 @@ class InferenceEngine:
             error=error,
             token_ids=tuple(sequence.output_ids),
         )
-        sequence.prefill_cache = None
+        sequence.staged = None
         sequence.stream.finished = True
         self._outbox.append((sequence.stream, result))
         with self._lock:
@@ -727,7 +604,8 @@ class InferenceEngine:
             self._finish(sequence, "cancelled")
         self._waiting.clear()
         self._prefilling.clear()
-        self._running, self._pad, self._cache = [], [], None
+        self._running = []
+        self._runner.release()
 
     def _fail_everything(self, error: Exception) -> None:
         message = f"{type(error).__name__}: {error}"
@@ -736,7 +614,8 @@ class InferenceEngine:
             self._finish(sequence, "error", error=message)
         self._prefilling.clear()
         self._between.clear()
-        self._running, self._pad, self._cache = [], [], None
+        self._running = []
+        self._runner.release()
         if self._loaded.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -771,17 +650,3 @@ class InferenceEngine:
             getattr(self._observer, hook)(*args)
         except Exception:
             logger.exception("engine observer hook %s failed", hook)
-
-
-def _check_cache_layout(model: Any) -> None:
-    """The batch surgery above needs plain per-layer key/value tensors (no sliding or hybrid layers)."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    layers = DynamicCache(config=model.config).layers
-    unsupported = {type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer}
-    if unsupported:
-        raise ModelLoadError(
-            f"model {model.config.model_type} uses cache layers {sorted(unsupported)}; "
-            "the engine supports full-attention decoder models (Llama, Qwen2, Mistral without sliding window)"
-        )

@@ -1,0 +1,410 @@
+"""The forward passes of the engine: a Llama-family decoder run over a slot-based KV cache.
+
+transformers' own forward pass is built for one static batch: every decode step it rebuilds masks
+and position tensors, and its cache grows by concatenation, so a continuously changing batch
+costs row surgery on every layer. The runner keeps the model's own modules and weights (loaded by
+transformers, so every checkpoint format and RoPE variant it knows still works) and runs them in
+a fixed layout instead:
+
+- one key and one value tensor for all layers, ``[layers, slots, kv_heads, capacity, head_dim]``;
+  row ``r`` of the running batch lives in slot ``r``, so a decode step reads a plain view of the
+  first ``batch`` slots, with one boolean mask for rows of different lengths;
+- prompts are prefilled into a separate staging tensor (no slot is touched until the sequence
+  joins the batch), one chunk at a time for long prompts, several short prompts in one pass;
+- the query, key and value projections, and the gate and up projections, are fused into one
+  matrix product each (the module weights become views of the fused matrix, so the model keeps
+  working for `generate` and uses no extra memory);
+- on CUDA, each decode step is replayed from a CUDA graph captured per (batch bucket, attention
+  window), which removes the kernel-launch overhead that dominates small models on a GPU.
+
+The attention calls mirror transformers' SDPA integration (GQA packing for single-token queries,
+`enable_gqa` without a mask), so greedy fp32 outputs match `model.generate` token for token.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as functional
+
+from app.inference.types import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Capacity and attention windows grow in steps of this many positions (fewer reallocations and
+# fewer CUDA graphs than exact sizes).
+_CAPACITY_STEP = 256
+_GRAPH_BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+@dataclass
+class StagedKV:
+    """Keys and values of prompts being prefilled, ``[layers, rows, kv_heads, length, head_dim]``."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[3]
+
+
+def check_supported(model: Any) -> None:
+    """Raise ModelLoadError with one line when the runner cannot run this model."""
+    config = model.config
+    model_type = getattr(config, "model_type", "?")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(
+            f"model type {model_type!r} is not supported: the engine runs decoder models of type "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        layer_types = getattr(config, "layer_types", None) or []
+        if model_type == "mistral" or any(kind != "full_attention" for kind in layer_types):
+            raise ModelLoadError(
+                f"model {model_type} uses sliding-window attention (sliding_window="
+                f"{config.sliding_window}); the engine supports full attention only"
+            )
+    try:
+        layer = model.model.layers[0]
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            getattr(layer.self_attn, name).weight  # noqa: B018 - presence check
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(layer.mlp, name).weight  # noqa: B018
+        model.model.rotary_emb  # noqa: B018
+    except AttributeError as error:
+        raise ModelLoadError(f"model {model_type} does not have the Llama decoder layout: {error}") from error
+
+
+def _fuse_linears(linears: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several projections of the same input; the modules keep views of it."""
+    weight = torch.cat([linear.weight.data for linear in linears], dim=0)
+    has_bias = [linear.bias is not None for linear in linears]
+    bias = None
+    if any(has_bias):
+        bias = torch.cat(
+            [
+                linear.bias.data if linear.bias is not None else weight.new_zeros(linear.weight.shape[0])
+                for linear in linears
+            ]
+        )
+    start = 0
+    for linear in linears:
+        rows = linear.weight.shape[0]
+        linear.weight.data = weight[start : start + rows]
+        if linear.bias is not None and bias is not None:
+            linear.bias.data = bias[start : start + rows]
+        start += rows
+    return weight, bias
+
+
+def _round_up(value: int, step: int) -> int:
+    return -(-value // step) * step
+
+
+class _Layer:
+    def __init__(self, module: Any) -> None:
+        attention = module.self_attn
+        self.input_norm = module.input_layernorm
+        self.post_attention_norm = module.post_attention_layernorm
+        self.q_norm = getattr(attention, "q_norm", None)
+        self.k_norm = getattr(attention, "k_norm", None)
+        self.qkv_weight, self.qkv_bias = _fuse_linears([attention.q_proj, attention.k_proj, attention.v_proj])
+        self.o_proj = attention.o_proj
+        self.gate_up_weight, self.gate_up_bias = _fuse_linears([module.mlp.gate_proj, module.mlp.up_proj])
+        self.down_proj = module.mlp.down_proj
+        self.act_fn = module.mlp.act_fn
+        self.intermediate = module.mlp.gate_proj.weight.shape[0]
+        self.scaling = attention.scaling
+
+
+class ModelRunner:
+    def __init__(
+        self, model: Any, device: torch.device, max_slots: int, use_cuda_graphs: bool | None = None
+    ) -> None:
+        check_supported(model)
+        config = model.config
+        self.model = model
+        self.device = device
+        self.max_slots = max_slots
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.groups = self.heads // self.kv_heads
+        self.context_length = int(getattr(config, "max_position_embeddings", 0) or 1 << 20)
+        self._embed = model.model.embed_tokens
+        self._rotary = model.model.rotary_emb
+        self._final_norm = model.model.norm
+        self._lm_head = model.get_output_embeddings()
+        self._layers = [_Layer(module) for module in model.model.layers]
+        self._q_size = self.heads * self.head_dim
+        self._kv_size = self.kv_heads * self.head_dim
+        parameter = next(model.parameters())
+        self.dtype = parameter.dtype
+        self.capacity = 0
+        self.keys = torch.empty(0, device=device, dtype=self.dtype)
+        self.values = torch.empty(0, device=device, dtype=self.dtype)
+        self.lengths: list[int] = []  # tokens cached in each running slot
+        if use_cuda_graphs is None:
+            use_cuda_graphs = device.type == "cuda"
+        self.use_cuda_graphs = use_cuda_graphs and device.type == "cuda"
+        self._graphs: dict[tuple[int, int], _CapturedStep] = {}
+        self._graph_pool: Any = None
+
+    # ----- cache ------------------------------------------------------------------------------
+
+    def _cache_shape(self, capacity: int) -> tuple[int, ...]:
+        return (len(self._layers), self.max_slots, self.kv_heads, capacity, self.head_dim)
+
+    def reserve(self, length: int) -> None:
+        """Make room for `length` positions in every slot (grows geometrically, keeps contents)."""
+        if length <= self.capacity:
+            return
+        capacity = min(
+            _round_up(max(length, self.capacity * 3 // 2), _CAPACITY_STEP),
+            _round_up(self.context_length, _CAPACITY_STEP),
+        )
+        capacity = max(capacity, length)
+        keys = torch.zeros(self._cache_shape(capacity), device=self.device, dtype=self.dtype)
+        values = torch.zeros_like(keys)
+        if self.capacity:
+            keys[:, :, :, : self.capacity].copy_(self.keys)
+            values[:, :, :, : self.capacity].copy_(self.values)
+        self.keys, self.values, self.capacity = keys, values, capacity
+        # Captured graphs point at the old tensors.
+        self._graphs.clear()
+
+    def release(self) -> None:
+        """Free the cache (nothing running)."""
+        self.lengths = []
+        self.keys = torch.empty(0, device=self.device, dtype=self.dtype)
+        self.values = torch.empty(0, device=self.device, dtype=self.dtype)
+        self.capacity = 0
+        self._graphs.clear()
+
+    def add_rows(self, staged: StagedKV, lengths: list[int]) -> None:
+        """Append staged sequences to the running batch (their slots follow the running rows)."""
+        first = len(self.lengths)
+        if first + len(lengths) > self.max_slots:
+            raise RuntimeError(f"{first + len(lengths)} rows exceed the {self.max_slots} slots")
+        self.reserve(max(lengths) + 1)
+        for offset, length in enumerate(lengths):
+            slot = first + offset
+            self.keys[:, slot, :, :length].copy_(staged.keys[:, offset, :, :length])
+            self.values[:, slot, :, :length].copy_(staged.values[:, offset, :, :length])
+        self.lengths.extend(lengths)
+
+    def keep_rows(self, keep: list[int]) -> None:
+        """Keep running rows `keep` (old indices, in their new order), moving each into its new slot."""
+        for slot, source in enumerate(keep):
+            if source != slot:
+                length = self.lengths[source]
+                self.keys[:, slot, :, :length].copy_(self.keys[:, source, :, :length])
+                self.values[:, slot, :, :length].copy_(self.values[:, source, :, :length])
+        self.lengths = [self.lengths[source] for source in keep]
+        if not self.lengths:
+            self.release()
+
+    # ----- forward passes -----------------------------------------------------------------------
+
+    def _project_qkv(
+        self, layer: _Layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[batch, tokens, hidden] -> query [b, heads, t, d], key and value [b, kv_heads, t, d], rotated."""
+        batch, tokens, _ = hidden.shape
+        normed = layer.input_norm(hidden)
+        qkv = functional.linear(normed, layer.qkv_weight, layer.qkv_bias)
+        query, key, value = qkv.split([self._q_size, self._kv_size, self._kv_size], dim=-1)
+        query = query.view(batch, tokens, self.heads, self.head_dim)
+        key = key.view(batch, tokens, self.kv_heads, self.head_dim)
+        if layer.q_norm is not None and layer.k_norm is not None:
+            query, key = layer.q_norm(query), layer.k_norm(key)
+        query = query.transpose(1, 2)
+        key = key.transpose(1, 2)
+        value = value.view(batch, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        query = query * cos + _rotate_half(query) * sin
+        key = key * cos + _rotate_half(key) * sin
+        return query, key, value
+
+    def _finish_layer(self, layer: _Layer, hidden: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """attention: [batch, tokens, heads * head_dim]; returns the layer's output hidden states."""
+        hidden = hidden + layer.o_proj(attention)
+        normed = layer.post_attention_norm(hidden)
+        gate_up = functional.linear(normed, layer.gate_up_weight, layer.gate_up_bias)
+        gate, up = gate_up.split([layer.intermediate, layer.intermediate], dim=-1)
+        return hidden + layer.down_proj(layer.act_fn(gate) * up)
+
+    def prefill(
+        self, token_ids: list[list[int]], past: StagedKV | None = None
+    ) -> tuple[torch.Tensor, StagedKV]:
+        """Run prompts (right-padded to one width) from position 0, or one prompt's next chunk after `past`.
+
+        Returns the logits at each row's last real token, [rows, vocab], and the staged keys/values.
+        """
+        rows = len(token_ids)
+        width = max(len(ids) for ids in token_ids)
+        start = 0 if past is None else past.length
+        if past is not None and rows != 1:
+            raise ValueError("a prompt is continued in chunks one at a time")
+        ids = torch.tensor([ids + [ids[-1]] * (width - len(ids)) for ids in token_ids], device=self.device)
+        positions = torch.arange(start, start + width, device=self.device).unsqueeze(0).expand(rows, -1)
+        hidden = self._embed(ids)
+        cos, sin = self._rotary(hidden, positions)
+        mask = None
+        if past is not None:
+            # Query i (at position start + i) sees the past and the chunk up to itself.
+            columns = torch.arange(start + width, device=self.device)
+            mask = (columns.unsqueeze(0) <= (positions[0].unsqueeze(1))).view(1, 1, width, start + width)
+        new_keys, new_values = [], []
+        for index, layer in enumerate(self._layers):
+            query, key, value = self._project_qkv(layer, hidden, cos, sin)
+            new_keys.append(key)
+            new_values.append(value)
+            if past is not None:
+                key = torch.cat([past.keys[index], key], dim=2)
+                value = torch.cat([past.values[index], value], dim=2)
+            if mask is None:
+                # Right padding comes after every real token: a causal mask keeps rows exact.
+                attention = functional.scaled_dot_product_attention(
+                    query, key, value, is_causal=width > 1, scale=layer.scaling, enable_gqa=self.groups > 1
+                )
+            else:
+                attention = functional.scaled_dot_product_attention(
+                    query,
+                    _repeat_kv(key, self.groups),
+                    _repeat_kv(value, self.groups),
+                    attn_mask=mask,
+                    scale=layer.scaling,
+                )
+            attention = attention.transpose(1, 2).reshape(rows, width, self._q_size)
+            hidden = self._finish_layer(layer, hidden, attention)
+        last = torch.tensor([len(ids) - 1 for ids in token_ids], device=self.device)
+        hidden = hidden[torch.arange(rows, device=self.device), last].unsqueeze(1)
+        logits = self._lm_head(self._final_norm(hidden))[:, -1, :]
+        staged = StagedKV(torch.stack(new_keys), torch.stack(new_values))
+        if past is not None:
+            staged = StagedKV(
+                torch.cat([past.keys, staged.keys], dim=3), torch.cat([past.values, staged.values], dim=3)
+            )
+        return logits, staged
+
+    def decode(self, token_ids: list[int]) -> torch.Tensor:
+        """One decode step of the running batch (row r = slot r); returns logits [rows, vocab]."""
+        rows = len(token_ids)
+        if rows != len(self.lengths):
+            raise ValueError(f"{rows} tokens for {len(self.lengths)} running rows")
+        window = max(self.lengths) + 1
+        self.reserve(window)
+        if self.use_cuda_graphs and rows <= _GRAPH_BATCH_BUCKETS[-1]:
+            logits = self._decode_graphed(token_ids)
+        else:
+            tokens = torch.tensor(token_ids, device=self.device)
+            positions = torch.tensor(self.lengths, device=self.device)
+            uniform = all(length == self.lengths[0] for length in self.lengths)
+            logits = self._decode_forward(tokens, positions, window, masked=not uniform)
+        self.lengths = [length + 1 for length in self.lengths]
+        return logits
+
+    def _decode_forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor, window: int, masked: bool
+    ) -> torch.Tensor:
+        """tokens, positions: [rows]; attention over the first `window` positions of each slot."""
+        rows = tokens.shape[0]
+        hidden = self._embed(tokens).unsqueeze(1)
+        cos, sin = self._rotary(hidden, positions.unsqueeze(1))
+        slots = torch.arange(rows, device=self.device)
+        mask = None
+        if masked:
+            columns = torch.arange(window, device=self.device)
+            mask = (columns.unsqueeze(0) <= positions.unsqueeze(1)).view(rows, 1, 1, window)
+        for index, layer in enumerate(self._layers):
+            query, key, value = self._project_qkv(layer, hidden, cos, sin)
+            layer_keys, layer_values = self.keys[index], self.values[index]
+            layer_keys[slots, :, positions] = key.squeeze(2)
+            layer_values[slots, :, positions] = value.squeeze(2)
+            keys = layer_keys[:rows, :, :window]
+            values = layer_values[:rows, :, :window]
+            if mask is None:
+                attention = functional.scaled_dot_product_attention(
+                    query, keys, values, scale=layer.scaling, enable_gqa=self.groups > 1
+                )
+            else:
+                # As transformers does for one query token: the query heads of a key/value head
+                # become that head's query rows, so no key/value is repeated.
+                packed = query.reshape(rows, self.kv_heads, self.groups, self.head_dim)
+                attention = functional.scaled_dot_product_attention(
+                    packed, keys, values, attn_mask=mask, scale=layer.scaling
+                )
+            hidden = self._finish_layer(layer, hidden, attention.reshape(rows, 1, self._q_size))
+        return self._lm_head(self._final_norm(hidden))[:, -1, :]
+
+    # ----- CUDA graphs ---------------------------------------------------------------------------
+
+    def _decode_graphed(self, token_ids: list[int]) -> torch.Tensor:
+        rows = len(token_ids)
+        bucket = next(size for size in _GRAPH_BATCH_BUCKETS if size >= rows)
+        if bucket > self.max_slots:
+            bucket = self.max_slots
+        window = min(_round_up(max(self.lengths) + 1, _CAPACITY_STEP), self.capacity)
+        step = self._graphs.get((bucket, window))
+        padding = [0] * (bucket - rows)
+        if step is None:
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            step = _CapturedStep(self, bucket, window, self._graph_pool)
+            step.tokens.copy_(torch.tensor(token_ids + padding))
+            step.positions.copy_(torch.tensor(self.lengths + padding))
+            step.capture()
+            self._graphs[(bucket, window)] = step
+            logger.debug("captured a CUDA graph for batch %d, window %d", bucket, window)
+        else:
+            # Padding rows compute in free slots at position 0: their writes are never read.
+            step.tokens.copy_(torch.tensor(token_ids + padding), non_blocking=True)
+            step.positions.copy_(torch.tensor(self.lengths + padding), non_blocking=True)
+        step.graph.replay()
+        return step.logits[:rows]
+
+
+class _CapturedStep:
+    def __init__(self, runner: ModelRunner, bucket: int, window: int, pool: Any) -> None:
+        self.runner = runner
+        self.window = window
+        self.tokens = torch.zeros(bucket, dtype=torch.long, device=runner.device)
+        self.positions = torch.zeros(bucket, dtype=torch.long, device=runner.device)
+        self.pool = pool
+        self.graph = torch.cuda.CUDAGraph()
+        self.logits: torch.Tensor
+
+    def _run(self) -> torch.Tensor:
+        return self.runner._decode_forward(self.tokens, self.positions, self.window, masked=True)
+
+    def capture(self) -> None:
+        # The inputs already hold the real step, so the warm-up writes the same cache entries.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._run()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(self.graph, pool=self.pool):
+            self.logits = self._run()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
+    if groups == 1:
+        return states
+    batch, heads, length, dim = states.shape
+    return (
+        states[:, :, None]
+        .expand(batch, heads, groups, length, dim)
+        .reshape(batch, heads * groups, length, dim)
+    )

@@ -1,0 +1,94 @@
+"""The slot-based KV cache of the runner: growth, row moves and the models it refuses."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.inference import EngineConfig, InferenceEngine, ModelLoadError
+from app.inference.engine import _fill_holes
+from app.inference.model_runner import ModelRunner
+from tests.inference.conftest import EngineFactory
+from tests.inference.helpers import chat, reference_tokens, wait_for
+
+
+@pytest.mark.parametrize(
+    ("keep", "order"),
+    [
+        ([0, 1, 2], [0, 1, 2]),
+        ([1, 2], [2, 1]),  # row 0 finished: row 1 stays, row 2 moves into slot 0
+        ([0, 2, 3], [0, 3, 2]),
+        ([3], [3]),
+        ([], []),
+    ],
+)
+def test_finished_rows_are_replaced_by_the_last_rows(keep: list[int], order: list[int]) -> None:
+    result = _fill_holes(keep)
+    assert sorted(result) == sorted(keep)
+    # Rows that are already inside the new batch keep their slot.
+    assert all(result[slot] == slot for slot in range(len(result)) if slot in keep)
+    assert result == order
+
+
+async def test_sequences_growing_past_the_first_cache_block_stay_exact(make_engine: EngineFactory) -> None:
+    """The cache starts at 256 positions and is reallocated while rows are mid-sequence."""
+    engine = await make_engine()
+    long_prompt = "What is the capital of France? What colour is the sky? " * 14
+    requests = [
+        chat(long_prompt, max_tokens=120, temperature=0, ignore_eos=True),
+        chat("Hi", max_tokens=150, temperature=0, ignore_eos=True),
+    ]
+    assert 200 < engine.count_prompt_tokens(requests[0]) < 256 < engine.count_prompt_tokens(requests[0]) + 120
+    references = [reference_tokens(engine, request) for request in requests]
+    streams = [engine.submit(request) for request in requests]
+    results = [await stream.result() for stream in streams]
+    for result, reference in zip(results, references, strict=True):
+        assert list(result.token_ids) == reference
+
+
+async def test_rows_moved_into_freed_slots_keep_their_cache(make_engine: EngineFactory) -> None:
+    """Early finishers leave holes that the last rows fill; the moved rows must continue exactly."""
+    engine = await make_engine()
+    requests = [
+        chat("Hi", max_tokens=4, temperature=0, ignore_eos=True),
+        chat("What is two plus three?", max_tokens=6, temperature=0, ignore_eos=True),
+        chat("Tell me a story.", max_tokens=40, temperature=0, ignore_eos=True),
+        chat("What colour is grass?", max_tokens=45, temperature=0, ignore_eos=True),
+    ]
+    references = [reference_tokens(engine, request) for request in requests]
+    streams = [engine.submit(request) for request in requests]
+    await wait_for(lambda: engine.stats().running == 4)
+    results = [await stream.result() for stream in streams]
+    for result, reference in zip(results, references, strict=True):
+        assert list(result.token_ids) == reference
+
+
+def test_model_types_other_than_llama_family_are_refused(tmp_path: Path, tiny_model_path: Path) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_path, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError) as failure:
+        InferenceEngine.load(EngineConfig(model_path=model, device="cpu", dtype="float32"))
+    message = str(failure.value)
+    assert "'gpt2' is not supported" in message and "llama" in message and "\n" not in message
+
+
+def test_fused_projections_leave_the_model_unchanged(tiny_model_path: Path) -> None:
+    """The runner fuses weights into shared tensors; generate() on the model must give the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    input_ids = torch.tensor([[5, 17, 42, 9, 100]])
+    with torch.inference_mode():
+        before = model(input_ids=input_ids).logits
+        runner = ModelRunner(model, torch.device("cpu"), max_slots=2)
+        after = model(input_ids=input_ids).logits
+        logits, _ = runner.prefill([input_ids[0].tolist()])
+    assert torch.equal(before, after)
+    torch.testing.assert_close(logits, before[:, -1], rtol=1e-5, atol=1e-5)
