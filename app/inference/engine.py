@@ -81,6 +81,9 @@ class EngineConfig:
     max_new_tokens: int = 1024
     # Prompt tokens prefilled per iteration while other sequences decode: bounds their stall.
     prefill_chunk_tokens: int = 256
+    # torch.compile the decode step (CUDA: fewer, fused kernels inside the CUDA graphs). Costs a
+    # minute or two of compilation at the first requests; off by default.
+    compile_decode: bool = False
 
 
 class RequestStream:
@@ -185,7 +188,9 @@ class InferenceEngine:
         # encoding prompts on the event loop while decoding on the scheduler thread could otherwise
         # collide on it ("Already borrowed").
         self._scheduler_tokenizer = copy.deepcopy(loaded.tokenizer)
-        self._runner = ModelRunner(loaded.model, loaded.device, max_slots=config.max_batch_size)
+        self._runner = ModelRunner(
+            loaded.model, loaded.device, max_slots=config.max_batch_size, compile_decode=config.compile_decode
+        )
         self._observer = observer
         self._lock = threading.Condition()
         self._incoming: deque[_Sequence] = deque()

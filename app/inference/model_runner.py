@@ -124,7 +124,12 @@ class _Layer:
 
 class ModelRunner:
     def __init__(
-        self, model: Any, device: torch.device, max_slots: int, use_cuda_graphs: bool | None = None
+        self,
+        model: Any,
+        device: torch.device,
+        max_slots: int,
+        use_cuda_graphs: bool | None = None,
+        compile_decode: bool = False,
     ) -> None:
         check_supported(model)
         config = model.config
@@ -154,6 +159,19 @@ class ModelRunner:
         self.use_cuda_graphs = use_cuda_graphs and device.type == "cuda"
         self._graphs: dict[tuple[int, int], _CapturedStep] = {}
         self._graph_pool: Any = None
+        # On CUDA one fused kernel per norm: fewer launches matter more than transformers' exact
+        # op order there (bf16). On the CPU the modules run as they are, so fp32 stays bit-exact.
+        self._fused_norms = device.type == "cuda"
+        self._rotate_jointly = self._layers[0].q_norm is None
+        self._decode_step = self._decode_forward
+        self._smallest_bucket = 1
+        if compile_decode:
+            # Sizes of 1 are specialised by the compiler: a batch of one runs in the bucket of two
+            # (the same weights are read) rather than paying for a second compilation.
+            self._smallest_bucket = min(2, max_slots)
+            # Fuses the elementwise work of each layer into a few kernels (inductor); one graph
+            # with symbolic batch and window sizes, captured into CUDA graphs like the eager one.
+            self._decode_step = torch.compile(self._decode_forward, dynamic=True)
 
     # ----- cache ------------------------------------------------------------------------------
 
@@ -216,25 +234,39 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[batch, tokens, hidden] -> query [b, heads, t, d], key and value [b, kv_heads, t, d], rotated."""
         batch, tokens, _ = hidden.shape
-        normed = layer.input_norm(hidden)
+        normed = self._norm(layer.input_norm, hidden)
         qkv = functional.linear(normed, layer.qkv_weight, layer.qkv_bias)
-        query, key, value = qkv.split([self._q_size, self._kv_size, self._kv_size], dim=-1)
-        query = query.view(batch, tokens, self.heads, self.head_dim)
-        key = key.view(batch, tokens, self.kv_heads, self.head_dim)
-        if layer.q_norm is not None and layer.k_norm is not None:
-            query, key = layer.q_norm(query), layer.k_norm(key)
-        query = query.transpose(1, 2)
-        key = key.transpose(1, 2)
+        value = qkv[..., self._q_size + self._kv_size :]
         value = value.view(batch, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        query = query * cos + _rotate_half(query) * sin
-        key = key * cos + _rotate_half(key) * sin
-        return query, key, value
+        # cos/sin: [batch, tokens, head_dim], broadcast over the heads.
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+        if self._rotate_jointly:
+            # Queries and keys are rotated in one pass (the same elementwise operations).
+            query_key = qkv[..., : self._q_size + self._kv_size]
+            query_key = query_key.view(batch, tokens, self.heads + self.kv_heads, self.head_dim)
+            query_key = query_key * cos + _rotate_half(query_key) * sin
+            query, key = query_key.split([self.heads, self.kv_heads], dim=2)
+        else:
+            query = qkv[..., : self._q_size].view(batch, tokens, self.heads, self.head_dim)
+            key = qkv[..., self._q_size : self._q_size + self._kv_size]
+            key = key.view(batch, tokens, self.kv_heads, self.head_dim)
+            assert layer.q_norm is not None and layer.k_norm is not None
+            query = self._norm(layer.q_norm, query)
+            key = self._norm(layer.k_norm, key)
+            query = query * cos + _rotate_half(query) * sin
+            key = key * cos + _rotate_half(key) * sin
+        return query.transpose(1, 2), key.transpose(1, 2), value
+
+    def _norm(self, module: Any, hidden: torch.Tensor) -> torch.Tensor:
+        epsilon = getattr(module, "variance_epsilon", None)
+        if self._fused_norms and epsilon is not None:
+            return functional.rms_norm(hidden, module.weight.shape, module.weight, epsilon)
+        return module(hidden)
 
     def _finish_layer(self, layer: _Layer, hidden: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         """attention: [batch, tokens, heads * head_dim]; returns the layer's output hidden states."""
         hidden = hidden + layer.o_proj(attention)
-        normed = layer.post_attention_norm(hidden)
+        normed = self._norm(layer.post_attention_norm, hidden)
         gate_up = functional.linear(normed, layer.gate_up_weight, layer.gate_up_bias)
         gate, up = gate_up.split([layer.intermediate, layer.intermediate], dim=-1)
         return hidden + layer.down_proj(layer.act_fn(gate) * up)
@@ -285,7 +317,7 @@ class ModelRunner:
             hidden = self._finish_layer(layer, hidden, attention)
         last = torch.tensor([len(ids) - 1 for ids in token_ids], device=self.device)
         hidden = hidden[torch.arange(rows, device=self.device), last].unsqueeze(1)
-        logits = self._lm_head(self._final_norm(hidden))[:, -1, :]
+        logits = self._lm_head(self._norm(self._final_norm, hidden))[:, -1, :]
         staged = StagedKV(torch.stack(new_keys), torch.stack(new_values))
         if past is not None:
             staged = StagedKV(
@@ -306,7 +338,7 @@ class ModelRunner:
             tokens = torch.tensor(token_ids, device=self.device)
             positions = torch.tensor(self.lengths, device=self.device)
             uniform = all(length == self.lengths[0] for length in self.lengths)
-            logits = self._decode_forward(tokens, positions, window, masked=not uniform)
+            logits = self._decode_step(tokens, positions, window, masked=not uniform)
         self.lengths = [length + 1 for length in self.lengths]
         return logits
 
@@ -341,15 +373,14 @@ class ModelRunner:
                     packed, keys, values, attn_mask=mask, scale=layer.scaling
                 )
             hidden = self._finish_layer(layer, hidden, attention.reshape(rows, 1, self._q_size))
-        return self._lm_head(self._final_norm(hidden))[:, -1, :]
+        return self._lm_head(self._norm(self._final_norm, hidden))[:, -1, :]
 
     # ----- CUDA graphs ---------------------------------------------------------------------------
 
     def _decode_graphed(self, token_ids: list[int]) -> torch.Tensor:
         rows = len(token_ids)
-        bucket = next(size for size in _GRAPH_BATCH_BUCKETS if size >= rows)
-        if bucket > self.max_slots:
-            bucket = self.max_slots
+        bucket = next(size for size in _GRAPH_BATCH_BUCKETS if size >= max(rows, self._smallest_bucket))
+        bucket = min(bucket, self.max_slots)
         window = min(_round_up(max(self.lengths) + 1, _CAPACITY_STEP), self.capacity)
         step = self._graphs.get((bucket, window))
         padding = [0] * (bucket - rows)
@@ -381,7 +412,7 @@ class _CapturedStep:
         self.logits: torch.Tensor
 
     def _run(self) -> torch.Tensor:
-        return self.runner._decode_forward(self.tokens, self.positions, self.window, masked=True)
+        return self.runner._decode_step(self.tokens, self.positions, self.window, masked=True)
 
     def capture(self) -> None:
         # The inputs already hold the real step, so the warm-up writes the same cache entries.
@@ -390,7 +421,8 @@ class _CapturedStep:
         with torch.cuda.stream(side):
             self._run()
         torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(self.graph, pool=self.pool):
+        # thread_local: the event loop thread may touch CUDA (a seeded request's generator) meanwhile.
+        with torch.cuda.graph(self.graph, pool=self.pool, capture_error_mode="thread_local"):
             self.logits = self._run()
 
 
