@@ -116,9 +116,13 @@ class _TimingStreamer:
         self._record.finished_at = time.perf_counter()
 
 
-def _generate_one(model: Any, prompt_ids: list[int], output_len: int, record: RequestRecord) -> None:
+def _generate_one(
+    model: Any, prompt_ids: list[int], output_len: int, record: RequestRecord, threads: int
+) -> None:
     import torch
 
+    # The baseline runs as plain transformers would: all of torch's threads for its own products.
+    torch.set_num_threads(threads)
     input_ids = torch.tensor([prompt_ids], device=model.device)
     with torch.inference_mode():
         output = model.generate(
@@ -134,7 +138,7 @@ def _generate_one(model: Any, prompt_ids: list[int], output_len: int, record: Re
 
 
 async def _run_naive_level(
-    engine: Any, prompts: list[str], output_len: int, concurrency: int, progress: _Progress
+    engine: Any, prompts: list[str], output_len: int, concurrency: int, progress: _Progress, threads: int
 ) -> tuple[list[RequestRecord], float]:
     from app.inference import GenerationRequest
 
@@ -147,7 +151,9 @@ async def _run_naive_level(
             prompt_ids = engine.prompt_token_ids(GenerationRequest(prompt=prompt))
             async with one_at_a_time:
                 try:
-                    await asyncio.to_thread(_generate_one, engine.model, prompt_ids, output_len, record)
+                    await asyncio.to_thread(
+                        _generate_one, engine.model, prompt_ids, output_len, record, threads
+                    )
                 except Exception as error:
                     record.error = type(error).__name__
             progress.advance()
@@ -176,6 +182,9 @@ async def run(arguments: argparse.Namespace) -> dict[str, Any]:
         # and more would only repeat its (flat) throughput at great cost in time.
         return arguments.num_prompts or max(4, level)
 
+    import torch
+
+    torch_threads = arguments.threads or torch.get_num_threads()
     engine = InferenceEngine.load(
         EngineConfig(
             model_path=arguments.model,
@@ -189,11 +198,9 @@ async def run(arguments: argparse.Namespace) -> dict[str, Any]:
         )
     )
     await engine.start()
-    import torch
-
     print(
         f"model {arguments.model} on {engine.device} ({engine.dtype}), "
-        f"torch threads {torch.get_num_threads()}, "
+        f"torch threads {torch_threads}, "
         f"input {arguments.input_len} / output {arguments.output_len} tokens, seed {arguments.seed}",
         flush=True,
     )
@@ -205,20 +212,29 @@ async def run(arguments: argparse.Namespace) -> dict[str, Any]:
     )
     if naive_levels:
         warm_ids = engine.prompt_token_ids(GenerationRequest(prompt=warm_prompts[0]))
-        await asyncio.to_thread(_generate_one, engine.model, warm_ids, 8, RequestRecord(sent_at=0.0))
+        await asyncio.to_thread(
+            _generate_one, engine.model, warm_ids, 8, RequestRecord(sent_at=0.0), torch_threads
+        )
 
     total = sum(map(prompts_for, levels)) + sum(map(naive_prompts_for, naive_levels))
     progress = _Progress(total, enabled=not arguments.no_progress)
     rows: list[dict[str, Any]] = []
     try:
-        for system, system_levels, runner, count in (
-            ("naive", naive_levels, _run_naive_level, naive_prompts_for),
-            ("engine", levels, _run_engine_level, prompts_for),
+        for system, system_levels, count in (
+            ("naive", naive_levels, naive_prompts_for),
+            ("engine", levels, prompts_for),
         ):
             for level in system_levels:
                 progress.describe(f"{system} c={level}")
                 prompts = make_prompts(count(level), arguments.input_len, arguments.seed, engine.tokenizer)
-                records, duration = await runner(engine, prompts, arguments.output_len, level, progress)
+                if system == "naive":
+                    records, duration = await _run_naive_level(
+                        engine, prompts, arguments.output_len, level, progress, torch_threads
+                    )
+                else:
+                    records, duration = await _run_engine_level(
+                        engine, prompts, arguments.output_len, level, progress
+                    )
                 rows.append(
                     {"system": system, "concurrency": level, "metrics": summarize(records, duration, slos)}
                 )
@@ -234,7 +250,8 @@ async def run(arguments: argparse.Namespace) -> dict[str, Any]:
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
             "cpu_count": _cpu_count(),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": torch_threads,
+            "engine_matmuls": "OpenBLAS (numpy)" if engine.uses_openblas else "torch",
         },
         "settings": {key: value for key, value in vars(arguments).items() if key != "handler"},
         "model": engine.model_name,

@@ -8,15 +8,14 @@ asyncio loop of the API keeps serving). Each iteration it:
    EngineFullError at once);
 2. prefills admitted prompts within a token budget per iteration (`prefill_chunk_tokens` while
    other sequences are decoding, so they are never stalled for more than about one chunk):
-   short prompts waiting together share one left-padded forward pass, a longer prompt is
+   short prompts waiting together share one right-padded forward pass, a longer prompt is
    prefilled alone, one chunk per iteration; a finished prefill samples the first token;
-3. joins the freshly prefilled sequences into the running batch: the batch keeps one KV cache
-   with every row left-padded to a common length, an explicit 2-D attention mask marks the
-   padding, and position ids count only real tokens, so each row computes what it would alone;
-4. runs one decode step for the whole batch (logits of the last position only), samples each
-   row with its own settings, detokenizes incrementally, and removes finished rows at once
-   (their cache rows are dropped and all-padding columns on the left are trimmed). The cache
-   layers append into spare capacity rather than concatenating a new tensor every step.
+3. joins the freshly prefilled sequences into the running batch: their keys and values move
+   into the KV-cache slots after the running rows (model_runner.py: one slot per row, each
+   with its own length);
+4. runs one decode step for the whole batch (logits of the last position only; a CUDA graph
+   replay on GPUs), samples each row with its own settings, detokenizes incrementally, and
+   removes finished rows at once (the last rows move into the freed slots).
 
 Results travel to the asyncio loop through `loop.call_soon_threadsafe`, batched per step (one
 wake-up of the loop per step at most, sent just before the next forward pass), into one asyncio
@@ -191,6 +190,10 @@ class InferenceEngine:
         self._runner = ModelRunner(
             loaded.model, loaded.device, max_slots=config.max_batch_size, compile_decode=config.compile_decode
         )
+        if self._runner.uses_openblas:
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(limits=config.torch_threads or torch.get_num_threads(), user_api="blas")
         self._observer = observer
         self._lock = threading.Condition()
         self._incoming: deque[_Sequence] = deque()
@@ -246,6 +249,11 @@ class InferenceEngine:
     @property
     def context_length(self) -> int:
         return self._loaded.context_length
+
+    @property
+    def uses_openblas(self) -> bool:
+        """True when the matrix products run through numpy's OpenBLAS (CPU, fp32)."""
+        return self._runner.uses_openblas
 
     @property
     def tokenizer(self) -> Any:
@@ -415,6 +423,11 @@ class InferenceEngine:
                     self._flush_outbox()
 
     def _iteration(self) -> None:
+        if self._runner.uses_openblas:
+            # The matrix products run on OpenBLAS's threads; torch's OpenMP workers, which spin
+            # between parallel regions, would take the same cores. Set every iteration: another
+            # thread of the process (the benchmark's generate baseline) may have changed it.
+            torch.set_num_threads(1)
         started = time.monotonic()
         tokens_before = self._tokens_total
         self._drop_cancelled()
@@ -449,7 +462,7 @@ class InferenceEngine:
     def _prefill(self) -> list[_Block]:
         """Prefill admitted prompts within this iteration's token budget; return blocks ready to decode.
 
-        Short prompts that wait together are prefilled together (one left-padded forward pass);
+        Short prompts that wait together are prefilled together (one right-padded forward pass);
         a prompt longer than a chunk is prefilled alone, one chunk per iteration.
         """
         chunk_limit = self.config.prefill_chunk_tokens

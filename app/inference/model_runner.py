@@ -106,17 +106,45 @@ def _round_up(value: int, step: int) -> int:
     return -(-value // step) * step
 
 
+class _Projection:
+    """A linear map of the runner. On the CPU in fp32 it multiplies through numpy's OpenBLAS.
+
+    torch's CPU build multiplies through MKL, whose small-batch fp32 kernels run several times
+    below the memory bandwidth on AMD processors (a batch-8 decode step spent 70% of its time
+    there); OpenBLAS picks kernels for the processor it finds. It needs the weight transposed
+    ([in, out], contiguous), a copy of the module's weight: the module keeps its own, so
+    `generate` on the model is unchanged.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, use_openblas: bool) -> None:
+        self.weight = weight
+        self.bias = bias
+        self.transposed = weight.detach().t().contiguous().numpy() if use_openblas else None
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.transposed is None:
+            return functional.linear(hidden, self.weight, self.bias)
+        rows = hidden.reshape(-1, hidden.shape[-1]).numpy()
+        output = torch.from_numpy(rows @ self.transposed)
+        if self.bias is not None:
+            output += self.bias
+        return output.view(*hidden.shape[:-1], output.shape[-1])
+
+
 class _Layer:
-    def __init__(self, module: Any) -> None:
+    def __init__(self, module: Any, use_openblas: bool) -> None:
         attention = module.self_attn
         self.input_norm = module.input_layernorm
         self.post_attention_norm = module.post_attention_layernorm
         self.q_norm = getattr(attention, "q_norm", None)
         self.k_norm = getattr(attention, "k_norm", None)
-        self.qkv_weight, self.qkv_bias = _fuse_linears([attention.q_proj, attention.k_proj, attention.v_proj])
-        self.o_proj = attention.o_proj
-        self.gate_up_weight, self.gate_up_bias = _fuse_linears([module.mlp.gate_proj, module.mlp.up_proj])
-        self.down_proj = module.mlp.down_proj
+        self.qkv = _Projection(
+            *_fuse_linears([attention.q_proj, attention.k_proj, attention.v_proj]), use_openblas
+        )
+        self.o_proj = _Projection(attention.o_proj.weight, attention.o_proj.bias, use_openblas)
+        self.gate_up = _Projection(*_fuse_linears([module.mlp.gate_proj, module.mlp.up_proj]), use_openblas)
+        down = module.mlp.down_proj
+        self.down_proj = _Projection(down.weight, down.bias, use_openblas)
         self.act_fn = module.mlp.act_fn
         self.intermediate = module.mlp.gate_proj.weight.shape[0]
         self.scaling = attention.scaling
@@ -144,12 +172,14 @@ class ModelRunner:
         self._embed = model.model.embed_tokens
         self._rotary = model.model.rotary_emb
         self._final_norm = model.model.norm
-        self._lm_head = model.get_output_embeddings()
-        self._layers = [_Layer(module) for module in model.model.layers]
-        self._q_size = self.heads * self.head_dim
-        self._kv_size = self.kv_heads * self.head_dim
         parameter = next(model.parameters())
         self.dtype = parameter.dtype
+        self.uses_openblas = device.type == "cpu" and self.dtype == torch.float32
+        lm_head = model.get_output_embeddings()
+        self._lm_head = _Projection(lm_head.weight, lm_head.bias, self.uses_openblas)
+        self._layers = [_Layer(module, self.uses_openblas) for module in model.model.layers]
+        self._q_size = self.heads * self.head_dim
+        self._kv_size = self.kv_heads * self.head_dim
         self.capacity = 0
         self.keys = torch.empty(0, device=device, dtype=self.dtype)
         self.values = torch.empty(0, device=device, dtype=self.dtype)
@@ -163,15 +193,15 @@ class ModelRunner:
         # op order there (bf16). On the CPU the modules run as they are, so fp32 stays bit-exact.
         self._fused_norms = device.type == "cuda"
         self._rotate_jointly = self._layers[0].q_norm is None
-        self._decode_step = self._decode_forward
+        self._compiled_decode: Any = None
         self._smallest_bucket = 1
         if compile_decode:
             # Sizes of 1 are specialised by the compiler: a batch of one runs in the bucket of two
             # (the same weights are read) rather than paying for a second compilation.
             self._smallest_bucket = min(2, max_slots)
-            # Fuses the elementwise work of each layer into a few kernels (inductor); one graph
-            # with symbolic batch and window sizes, captured into CUDA graphs like the eager one.
-            self._decode_step = torch.compile(self._decode_forward, dynamic=True)
+            # Fuses the elementwise work of each layer into a few kernels (inductor). The second
+            # batch or window size seen makes those dimensions symbolic: two compilations in all.
+            self._compiled_decode = torch.compile(self._decode_forward)
 
     # ----- cache ------------------------------------------------------------------------------
 
@@ -194,15 +224,32 @@ class ModelRunner:
             values[:, :, :, : self.capacity].copy_(self.values)
         self.keys, self.values, self.capacity = keys, values, capacity
         # Captured graphs point at the old tensors.
-        self._graphs.clear()
+        self._drop_graphs()
 
     def release(self) -> None:
-        """Free the cache (nothing running)."""
+        """Nothing runs any more: on the CPU free the cache; a GPU keeps it and its captured graphs."""
         self.lengths = []
+        if self.use_cuda_graphs:
+            return
         self.keys = torch.empty(0, device=self.device, dtype=self.dtype)
         self.values = torch.empty(0, device=self.device, dtype=self.dtype)
         self.capacity = 0
+
+    def _drop_graphs(self) -> None:
         self._graphs.clear()
+        # A pool whose graphs are all gone cannot take new captures: the next graph starts a new one.
+        self._graph_pool = None
+
+    def _decode_step(
+        self, tokens: torch.Tensor, positions: torch.Tensor, window: int, masked: bool
+    ) -> torch.Tensor:
+        if self._compiled_decode is not None:
+            try:
+                return self._compiled_decode(tokens, positions, window, masked)
+            except Exception:
+                logger.exception("torch.compile of the decode step failed; running it uncompiled from now on")
+                self._compiled_decode = None
+        return self._decode_forward(tokens, positions, window, masked)
 
     def add_rows(self, staged: StagedKV, lengths: list[int]) -> None:
         """Append staged sequences to the running batch (their slots follow the running rows)."""
@@ -235,7 +282,7 @@ class ModelRunner:
         """[batch, tokens, hidden] -> query [b, heads, t, d], key and value [b, kv_heads, t, d], rotated."""
         batch, tokens, _ = hidden.shape
         normed = self._norm(layer.input_norm, hidden)
-        qkv = functional.linear(normed, layer.qkv_weight, layer.qkv_bias)
+        qkv = layer.qkv(normed)
         value = qkv[..., self._q_size + self._kv_size :]
         value = value.view(batch, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
         # cos/sin: [batch, tokens, head_dim], broadcast over the heads.
@@ -267,7 +314,7 @@ class ModelRunner:
         """attention: [batch, tokens, heads * head_dim]; returns the layer's output hidden states."""
         hidden = hidden + layer.o_proj(attention)
         normed = self._norm(layer.post_attention_norm, hidden)
-        gate_up = functional.linear(normed, layer.gate_up_weight, layer.gate_up_bias)
+        gate_up = layer.gate_up(normed)
         gate, up = gate_up.split([layer.intermediate, layer.intermediate], dim=-1)
         return hidden + layer.down_proj(layer.act_fn(gate) * up)
 

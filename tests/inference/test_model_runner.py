@@ -92,3 +92,39 @@ def test_fused_projections_leave_the_model_unchanged(tiny_model_path: Path) -> N
         logits, _ = runner.prefill([input_ids[0].tolist()])
     assert torch.equal(before, after)
     torch.testing.assert_close(logits, before[:, -1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "mistral"])
+def test_other_supported_layouts_compute_what_transformers_computes(model_type: str) -> None:
+    """Biased projections (Qwen2), per-head query/key norms (Qwen3), Mistral: prefill and decode logits."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        model_type,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=300,
+        max_position_embeddings=512,
+        sliding_window=None,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    prompts = [[5, 17, 42, 9, 100, 7], [8, 3, 250]]
+    with torch.inference_mode():
+        references = [model(input_ids=torch.tensor([prompt])).logits[0] for prompt in prompts]
+        next_tokens = [11, 12]
+        continued = [
+            model(input_ids=torch.tensor([[*prompt, token]])).logits[0, -1]
+            for prompt, token in zip(prompts, next_tokens, strict=True)
+        ]
+        runner = ModelRunner(model, torch.device("cpu"), max_slots=2)
+        logits, staged = runner.prefill(prompts)
+        runner.add_rows(staged, [len(prompt) for prompt in prompts])
+        decoded = runner.decode(next_tokens)
+    for row, reference in enumerate(references):
+        torch.testing.assert_close(logits[row], reference[-1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(decoded[row], continued[row], rtol=1e-4, atol=1e-4)
