@@ -128,3 +128,19 @@ def test_other_supported_layouts_compute_what_transformers_computes(model_type: 
     for row, reference in enumerate(references):
         torch.testing.assert_close(logits[row], reference[-1], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(decoded[row], continued[row], rtol=1e-4, atol=1e-4)
+
+
+async def test_a_prompt_ending_at_its_first_token_leaves_its_group_exact(make_engine: EngineFactory) -> None:
+    """Prompts prefilled together; the middle one ends at its first token and its row is dropped."""
+    engine = await make_engine()
+    requests = [
+        chat("What is two plus three?", max_tokens=12, temperature=0, ignore_eos=True),
+        chat("Hi", max_tokens=1, temperature=0, ignore_eos=True),
+        chat("Tell me a story.", max_tokens=12, temperature=0, ignore_eos=True),
+    ]
+    references = [reference_tokens(engine, request) for request in requests]
+    streams = [engine.submit(request) for request in requests]
+    results = [await stream.result() for stream in streams]
+    assert [result.completion_tokens for result in results] == [12, 1, 12]
+    for result, reference in zip(results, references, strict=True):
+        assert list(result.token_ids) == reference
