@@ -15,7 +15,11 @@ a fixed layout instead:
   matrix product each (the module weights become views of the fused matrix, so the model keeps
   working for `generate` and uses no extra memory);
 - on CUDA, each decode step is replayed from a CUDA graph captured per (batch bucket, attention
-  window), which removes the kernel-launch overhead that dominates small models on a GPU.
+  window), which removes the kernel-launch overhead that dominates small models on a GPU
+  (optionally with torch.compile inside, `compile_decode`);
+- on the CPU in fp32, the matrix products run through numpy's OpenBLAS on a transposed copy of
+  each weight (see _Projection: about twice MKL's speed for a few rows on AMD processors, at the
+  cost of a second copy of the weight matrices).
 
 The attention calls mirror transformers' SDPA integration (GQA packing for single-token queries,
 `enable_gqa` without a mask), so greedy fp32 outputs match `model.generate` token for token.
