@@ -357,11 +357,12 @@ class ModelRunner:
         new_keys, new_values = [], []
         for index, layer in enumerate(self._layers):
             query, key, value = self._project_qkv(layer, hidden, cos, sin)
-            new_keys.append(key)
-            new_values.append(value)
             if past is not None:
                 key = torch.cat([past.keys[index], key], dim=2)
                 value = torch.cat([past.values[index], value], dim=2)
+            # The keys and values this layer attends to are what the prompt has staged so far.
+            new_keys.append(key)
+            new_values.append(value)
             if mask is None:
                 # Right padding comes after every real token: a causal mask keeps rows exact.
                 attention = functional.scaled_dot_product_attention(
@@ -380,12 +381,7 @@ class ModelRunner:
         last = torch.tensor([len(ids) - 1 for ids in token_ids], device=self.device)
         hidden = hidden[torch.arange(rows, device=self.device), last].unsqueeze(1)
         logits = self._lm_head(self._norm(self._final_norm, hidden))[:, -1, :]
-        staged = StagedKV(torch.stack(new_keys), torch.stack(new_values))
-        if past is not None:
-            staged = StagedKV(
-                torch.cat([past.keys, staged.keys], dim=3), torch.cat([past.values, staged.values], dim=3)
-            )
-        return logits, staged
+        return logits, StagedKV(torch.stack(new_keys), torch.stack(new_values))
 
     def decode(self, token_ids: list[int]) -> torch.Tensor:
         """One decode step of the running batch (row r = slot r); returns logits [rows, vocab]."""
