@@ -9,11 +9,31 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.inference import EngineConfig, InferenceEngine, ModelLoadError
+from app.inference import (
+    EngineConfig,
+    GenerationRequest,
+    GenerationResult,
+    InferenceEngine,
+    ModelLoadError,
+)
 from app.inference.engine import _fill_holes
 from app.inference.model_runner import ModelRunner
 from tests.inference.conftest import EngineFactory
 from tests.inference.helpers import chat, reference_tokens, wait_for
+
+
+async def _submit_together_and_compare_with_generate(
+    engine: InferenceEngine, requests: list[GenerationRequest], running_together: int | None = None
+) -> list[GenerationResult]:
+    """Submit in one tick; each result must equal `generate` on its prompt alone."""
+    references = [reference_tokens(engine, request) for request in requests]
+    streams = [engine.submit(request) for request in requests]
+    if running_together is not None:
+        await wait_for(lambda: engine.stats().running == running_together)
+    results = [await stream.result() for stream in streams]
+    for result, reference in zip(results, references, strict=True):
+        assert list(result.token_ids) == reference
+    return results
 
 
 @pytest.mark.parametrize(
@@ -43,11 +63,7 @@ async def test_sequences_growing_past_the_first_cache_block_stay_exact(make_engi
         chat("Hi", max_tokens=150, temperature=0, ignore_eos=True),
     ]
     assert 200 < engine.count_prompt_tokens(requests[0]) < 256 < engine.count_prompt_tokens(requests[0]) + 120
-    references = [reference_tokens(engine, request) for request in requests]
-    streams = [engine.submit(request) for request in requests]
-    results = [await stream.result() for stream in streams]
-    for result, reference in zip(results, references, strict=True):
-        assert list(result.token_ids) == reference
+    await _submit_together_and_compare_with_generate(engine, requests)
 
 
 async def test_rows_moved_into_freed_slots_keep_their_cache(make_engine: EngineFactory) -> None:
@@ -59,12 +75,7 @@ async def test_rows_moved_into_freed_slots_keep_their_cache(make_engine: EngineF
         chat("Tell me a story.", max_tokens=40, temperature=0, ignore_eos=True),
         chat("What colour is grass?", max_tokens=45, temperature=0, ignore_eos=True),
     ]
-    references = [reference_tokens(engine, request) for request in requests]
-    streams = [engine.submit(request) for request in requests]
-    await wait_for(lambda: engine.stats().running == 4)
-    results = [await stream.result() for stream in streams]
-    for result, reference in zip(results, references, strict=True):
-        assert list(result.token_ids) == reference
+    await _submit_together_and_compare_with_generate(engine, requests, running_together=4)
 
 
 def test_model_types_other_than_llama_family_are_refused(tmp_path: Path, tiny_model_path: Path) -> None:
@@ -138,9 +149,5 @@ async def test_a_prompt_ending_at_its_first_token_leaves_its_group_exact(make_en
         chat("Hi", max_tokens=1, temperature=0, ignore_eos=True),
         chat("Tell me a story.", max_tokens=12, temperature=0, ignore_eos=True),
     ]
-    references = [reference_tokens(engine, request) for request in requests]
-    streams = [engine.submit(request) for request in requests]
-    results = [await stream.result() for stream in streams]
+    results = await _submit_together_and_compare_with_generate(engine, requests)
     assert [result.completion_tokens for result in results] == [12, 1, 12]
-    for result, reference in zip(results, references, strict=True):
-        assert list(result.token_ids) == reference
