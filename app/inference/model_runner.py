@@ -17,6 +17,12 @@ a fixed layout instead:
 - on CUDA, each decode step is replayed from a CUDA graph captured per (batch bucket, attention
   window), which removes the kernel-launch overhead that dominates small models on a GPU
   (optionally with torch.compile inside, `compile_decode`);
+- on CUDA the step is also built from fewer kernels (`fused_kernels`): a decode step of a small
+  model is a chain of a few hundred tiny kernels whose count, not the bytes they read, sets its
+  time. One kernel per norm, the residual additions inside the matrix products, the rotary
+  embedding of a decode step as one batched product with per-row rotation matrices, the attention
+  mask built once per step instead of converted by every layer. These change the order of
+  floating-point roundings, so the CPU keeps transformers' exact operations;
 - on the CPU in fp32, the matrix products run through numpy's OpenBLAS on a transposed copy of
   each weight (see _Projection: about twice MKL's speed for a few rows on AMD processors, at the
   cost of a second copy of the weight matrices).
@@ -128,6 +134,14 @@ class _Projection:
         self.bias = bias
         self.transposed = weight.detach().t().contiguous().numpy() if use_openblas else None
 
+    def add_into(self, hidden: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """hidden += inputs @ weight.T (+ bias), in place: one product whose output adds to `hidden`."""
+        if self.transposed is not None or self.bias is not None:
+            hidden += self(inputs)
+            return hidden
+        hidden.view(-1, hidden.shape[-1]).addmm_(inputs.reshape(-1, inputs.shape[-1]), self.weight.t())
+        return hidden
+
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.transposed is None:
             return functional.linear(hidden, self.weight, self.bias)
@@ -173,6 +187,7 @@ class ModelRunner:
         max_slots: int,
         use_cuda_graphs: bool | None = None,
         compile_decode: bool = False,
+        fused_kernels: bool | None = None,
     ) -> None:
         check_supported(model)
         config = model.config
@@ -189,7 +204,9 @@ class ModelRunner:
         self._final_norm = model.model.norm
         parameter = next(model.parameters())
         self.dtype = parameter.dtype
-        self.uses_openblas = device.type == "cpu" and self.dtype == torch.float32
+        # Fewer kernels, not bit-exact with transformers (see the module docstring). None: on CUDA.
+        self.fused_kernels = device.type == "cuda" if fused_kernels is None else fused_kernels
+        self.uses_openblas = device.type == "cpu" and self.dtype == torch.float32 and not self.fused_kernels
         lm_head = model.get_output_embeddings()
         self._lm_head = _Projection(lm_head.weight, lm_head.bias, self.uses_openblas)
         self._layers = [_Layer(module, self.uses_openblas) for module in model.model.layers]
@@ -204,9 +221,6 @@ class ModelRunner:
         self.use_cuda_graphs = use_cuda_graphs and device.type == "cuda"
         self._graphs: dict[tuple[int, int], _CapturedStep] = {}
         self._graph_pool: Any = None
-        # On CUDA one fused kernel per norm: fewer launches matter more than transformers' exact
-        # op order there (bf16). On the CPU the modules run as they are, so fp32 stays bit-exact.
-        self._fused_norms = device.type == "cuda"
         self._rotate_jointly = self._layers[0].q_norm is None
         self._compiled_decode: Any = None
         self._smallest_bucket = 1
@@ -291,8 +305,17 @@ class ModelRunner:
 
     # ----- forward passes -----------------------------------------------------------------------
 
+    def _rotation(self, hidden: torch.Tensor, positions: torch.Tensor) -> _Rotation:
+        """The rotary embedding at `positions` [batch, tokens] (hidden: only its dtype and device)."""
+        cos, sin = self._rotary(hidden, positions)
+        matrices = None
+        if self.fused_kernels and positions.shape[1] == 1:
+            matrices = _rotation_matrices(cos[:, 0], sin[:, 0])
+        # cos/sin: [batch, tokens, head_dim], broadcast over the heads.
+        return _Rotation(cos.unsqueeze(2), sin.unsqueeze(2), matrices)
+
     def _project_qkv(
-        self, layer: _Layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, layer: _Layer, hidden: torch.Tensor, rotation: _Rotation
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[batch, tokens, hidden] -> query [b, heads, t, d], key and value [b, kv_heads, t, d], rotated."""
         batch, tokens, _ = hidden.shape
@@ -300,38 +323,45 @@ class ModelRunner:
         qkv = layer.qkv(normed)
         value = qkv[..., self._q_size + self._kv_size :]
         value = value.view(batch, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
-        # cos/sin: [batch, tokens, head_dim], broadcast over the heads.
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
         if self._rotate_jointly:
-            # Queries and keys are rotated in one pass (the same elementwise operations).
+            # Queries and keys are rotated in one pass (the same operations on every head).
             query_key = qkv[..., : self._q_size + self._kv_size]
             query_key = query_key.view(batch, tokens, self.heads + self.kv_heads, self.head_dim)
-            query_key = query_key * cos + _rotate_half(query_key) * sin
+            query_key = rotation.apply(query_key)
             query, key = query_key.split([self.heads, self.kv_heads], dim=2)
         else:
             query = qkv[..., : self._q_size].view(batch, tokens, self.heads, self.head_dim)
             key = qkv[..., self._q_size : self._q_size + self._kv_size]
             key = key.view(batch, tokens, self.kv_heads, self.head_dim)
             assert layer.q_norm is not None and layer.k_norm is not None
-            query = self._norm(layer.q_norm, query)
-            key = self._norm(layer.k_norm, key)
-            query = query * cos + _rotate_half(query) * sin
-            key = key * cos + _rotate_half(key) * sin
+            query = rotation.apply(self._norm(layer.q_norm, query))
+            key = rotation.apply(self._norm(layer.k_norm, key))
         return query.transpose(1, 2), key.transpose(1, 2), value
 
     def _norm(self, module: Any, hidden: torch.Tensor) -> torch.Tensor:
         epsilon = getattr(module, "variance_epsilon", None)
-        if self._fused_norms and epsilon is not None:
+        if self.fused_kernels and epsilon is not None:
             return functional.rms_norm(hidden, module.weight.shape, module.weight, epsilon)
         return module(hidden)
 
+    def _add_projection(
+        self, hidden: torch.Tensor, projection: _Projection, inputs: torch.Tensor
+    ) -> torch.Tensor:
+        """hidden + projection(inputs); with fused kernels the addition happens inside the product."""
+        if self.fused_kernels:
+            return projection.add_into(hidden, inputs)
+        return hidden + projection(inputs)
+
     def _finish_layer(self, layer: _Layer, hidden: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-        """attention: [batch, tokens, heads * head_dim]; returns the layer's output hidden states."""
-        hidden = hidden + layer.o_proj(attention)
+        """attention: [batch, tokens, heads * head_dim]; returns the layer's output hidden states.
+
+        `hidden` is the layer's own input: with fused kernels it is updated in place.
+        """
+        hidden = self._add_projection(hidden, layer.o_proj, attention)
         normed = self._norm(layer.post_attention_norm, hidden)
         gate_up = layer.gate_up(normed)
         gate, up = gate_up.split([layer.intermediate, layer.intermediate], dim=-1)
-        return hidden + layer.down_proj(layer.act_fn(gate) * up)
+        return self._add_projection(hidden, layer.down_proj, layer.act_fn(gate) * up)
 
     def prefill(
         self, token_ids: list[list[int]], past: StagedKV | None = None
@@ -348,7 +378,7 @@ class ModelRunner:
         ids = torch.tensor([ids + [ids[-1]] * (width - len(ids)) for ids in token_ids], device=self.device)
         positions = torch.arange(start, start + width, device=self.device).unsqueeze(0).expand(rows, -1)
         hidden = self._embed(ids)
-        cos, sin = self._rotary(hidden, positions)
+        rotation = self._rotation(hidden, positions)
         mask = None
         if past is not None:
             # Query i (at position start + i) sees the past and the chunk up to itself.
@@ -356,7 +386,7 @@ class ModelRunner:
             mask = (columns.unsqueeze(0) <= (positions[0].unsqueeze(1))).view(1, 1, width, start + width)
         new_keys, new_values = [], []
         for index, layer in enumerate(self._layers):
-            query, key, value = self._project_qkv(layer, hidden, cos, sin)
+            query, key, value = self._project_qkv(layer, hidden, rotation)
             if past is not None:
                 key = torch.cat([past.keys[index], key], dim=2)
                 value = torch.cat([past.values[index], value], dim=2)
@@ -406,14 +436,18 @@ class ModelRunner:
         """tokens, positions: [rows]; attention over the first `window` positions of each slot."""
         rows = tokens.shape[0]
         hidden = self._embed(tokens).unsqueeze(1)
-        cos, sin = self._rotary(hidden, positions.unsqueeze(1))
+        rotation = self._rotation(hidden, positions.unsqueeze(1))
         slots = torch.arange(rows, device=self.device)
         mask = None
         if masked:
+            # Additive, in the model's dtype: attention would otherwise convert a boolean mask in
+            # every layer (the same values: -inf where a row has no token yet, 0 elsewhere).
             columns = torch.arange(window, device=self.device)
-            mask = (columns.unsqueeze(0) <= positions.unsqueeze(1)).view(rows, 1, 1, window)
+            hidden_columns = (columns.unsqueeze(0) > positions.unsqueeze(1)).view(rows, 1, 1, window)
+            mask = torch.zeros(hidden_columns.shape, device=self.device, dtype=self.dtype)
+            mask.masked_fill_(hidden_columns, float("-inf"))
         for index, layer in enumerate(self._layers):
-            query, key, value = self._project_qkv(layer, hidden, cos, sin)
+            query, key, value = self._project_qkv(layer, hidden, rotation)
             layer_keys, layer_values = self.keys[index], self.values[index]
             layer_keys[slots, :, positions] = key.squeeze(2)
             layer_values[slots, :, positions] = value.squeeze(2)
@@ -482,6 +516,35 @@ class _CapturedStep:
         # thread_local: the event loop thread may touch CUDA (a seeded request's generator) meanwhile.
         with torch.cuda.graph(self.graph, pool=self.pool, capture_error_mode="thread_local"):
             self.logits = self._run()
+
+
+@dataclass
+class _Rotation:
+    """The rotary embedding of one forward pass: cos/sin [batch, tokens, 1, head_dim], and for a
+    decode step with fused kernels the same rotation as one matrix per row [batch, head_dim, head_dim]."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    matrices: torch.Tensor | None
+
+    def apply(self, states: torch.Tensor) -> torch.Tensor:
+        """states: [batch, tokens, heads, head_dim]."""
+        if self.matrices is None:
+            return states * self.cos + _rotate_half(states) * self.sin
+        batch, _, heads, dim = states.shape
+        # One batched product instead of five elementwise kernels per layer.
+        return torch.bmm(states.view(batch, heads, dim), self.matrices).view(batch, 1, heads, dim)
+
+
+def _rotation_matrices(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """cos, sin: [batch, head_dim] -> R [batch, head_dim, head_dim] with x @ R = x*cos + rotate_half(x)*sin.
+
+    rotate_half(x)[i] is -x[i + half] for i < half and x[i - half] above: so R[i, i] = cos[i],
+    R[i + half, i] = -sin[i] and R[i - half, i] = sin[i], a diagonal rolled by half a row.
+    """
+    half = cos.shape[-1] // 2
+    signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    return torch.diag_embed(cos) + torch.diag_embed(signed_sin).roll(half, dims=-2)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

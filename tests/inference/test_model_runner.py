@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -105,9 +106,7 @@ def test_fused_projections_leave_the_model_unchanged(tiny_model_path: Path) -> N
     torch.testing.assert_close(logits, before[:, -1], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "mistral"])
-def test_other_supported_layouts_compute_what_transformers_computes(model_type: str) -> None:
-    """Biased projections (Qwen2), per-head query/key norms (Qwen3), Mistral: prefill and decode logits."""
+def _random_model(model_type: str) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(
@@ -123,7 +122,18 @@ def test_other_supported_layouts_compute_what_transformers_computes(model_type: 
         sliding_window=None,
     )
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("fused_kernels", [False, True], ids=["exact", "fused"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "mistral"])
+def test_supported_layouts_compute_what_transformers_computes(model_type: str, fused_kernels: bool) -> None:
+    """Biased projections (Qwen2), per-head query/key norms (Qwen3), Mistral: prefill and decode logits.
+
+    The fused kernels of CUDA (rotation matrices, residuals inside the products, one norm kernel)
+    run here on the CPU too: the same arithmetic, rounded in another order.
+    """
+    model = _random_model(model_type)
     prompts = [[5, 17, 42, 9, 100, 7], [8, 3, 250]]
     with torch.inference_mode():
         references = [model(input_ids=torch.tensor([prompt])).logits[0] for prompt in prompts]
@@ -132,13 +142,37 @@ def test_other_supported_layouts_compute_what_transformers_computes(model_type: 
             model(input_ids=torch.tensor([[*prompt, token]])).logits[0, -1]
             for prompt, token in zip(prompts, next_tokens, strict=True)
         ]
-        runner = ModelRunner(model, torch.device("cpu"), max_slots=2)
+        runner = ModelRunner(model, torch.device("cpu"), max_slots=2, fused_kernels=fused_kernels)
         logits, staged = runner.prefill(prompts)
         runner.add_rows(staged, [len(prompt) for prompt in prompts])
         decoded = runner.decode(next_tokens)
     for row, reference in enumerate(references):
         torch.testing.assert_close(logits[row], reference[-1], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(decoded[row], continued[row], rtol=1e-4, atol=1e-4)
+
+
+def test_a_captured_step_shape_computes_what_transformers_computes() -> None:
+    """What a CUDA graph replays: a batch padded to its bucket, a window rounded up to 256 positions.
+
+    Padding rows compute in free slots at position 0 and the real rows must not see them, nor the
+    unwritten positions of the window.
+    """
+    model = _random_model("llama")
+    prompts = [[5, 17, 42, 9, 100, 7], [8, 3, 250]]
+    next_tokens = [11, 12]
+    with torch.inference_mode():
+        continued = [
+            model(input_ids=torch.tensor([[*prompt, token]])).logits[0, -1]
+            for prompt, token in zip(prompts, next_tokens, strict=True)
+        ]
+        runner = ModelRunner(model, torch.device("cpu"), max_slots=4, fused_kernels=True)
+        _, staged = runner.prefill(prompts)
+        runner.add_rows(staged, [len(prompt) for prompt in prompts])
+        tokens = torch.tensor([*next_tokens, 0, 0])
+        positions = torch.tensor([len(prompt) for prompt in prompts] + [0, 0])
+        decoded = runner._decode_forward(tokens, positions, window=runner.capacity, masked=True)
+    assert runner.capacity == 256
+    torch.testing.assert_close(decoded[:2], torch.stack(continued), rtol=1e-4, atol=1e-4)
 
 
 async def test_a_prompt_ending_at_its_first_token_leaves_its_group_exact(make_engine: EngineFactory) -> None:
