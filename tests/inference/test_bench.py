@@ -61,3 +61,24 @@ def test_bench_engine_runs_end_to_end(tiny_model_path: Path, tmp_path: Path) -> 
     assert plot_copy.read_bytes().startswith(b"\x89PNG")
     json_path.unlink()
     json_path.with_suffix(".png").unlink()
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_its_steps_on_the_cpu(tmp_path: Path) -> None:
+    """The GPU check runs only where a GPU is lent, for minutes: its CPU dry run keeps it working."""
+    output = tmp_path / "gpu-check.json"
+    completed = subprocess.run(
+        [
+            sys.executable, "bench/gpu_check", "--cpu-dry-run", "--shapes", "SmolLM2-135M",
+            "--variants", "graphs", "--prompt-len", "8", "--output-len", "4", "--concurrency", "2",
+            "--output", str(output),
+        ],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    [row] = json.loads(output.read_text())["rows"]
+    assert row["shape"] == "SmolLM2-135M"
+    assert row["graphs"]["batch1_decode_tok_s"] > 0 and row["graphs"]["concurrent_tok_s"] > 0
+    for label in ("exact", "fused"):
+        assert row[f"runner_{label}"]["decode_call_ms"] > 0, completed.stdout
+    assert "| SmolLM2-135M | fused |" in completed.stdout
