@@ -41,8 +41,9 @@ model: $(MODEL_DIR)/manifest.json ## convert SmolLM2-135M-Instruct into models/ 
 lock: ## re-resolve requirements/*.lock from requirements/*.in
 	$(PY) -m tests.support.lock requirements/runtime.in requirements/dev.in
 
+# g++ and python3-dev: torch.compile's CPU backend (a test compiles the decode step).
 SYSTEM_PACKAGES := python3-venv postgresql nginx podman runc debootstrap zstd chromium \
-                   fonts-dejavu-core curl ca-certificates
+                   fonts-dejavu-core curl ca-certificates g++ python3-dev
 
 system-deps: ## Debian packages the tests and the lab need (installs only what is missing; root)
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \

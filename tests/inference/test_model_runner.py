@@ -185,3 +185,27 @@ async def test_a_prompt_ending_at_its_first_token_leaves_its_group_exact(make_en
     ]
     results = await _submit_together_and_compare_with_generate(engine, requests)
     assert [result.completion_tokens for result in results] == [12, 1, 12]
+
+
+@pytest.mark.slow
+def test_the_compiled_decode_step_computes_what_transformers_computes() -> None:
+    """compile_decode on the CPU (inductor's C++ backend): the logits, and the keys written in place."""
+    model = _random_model("llama")
+    prompts = [[5, 17, 42, 9, 100, 7], [8, 3, 250]]
+    next_tokens = [11, 12]
+    with torch.inference_mode():
+        continued = [
+            model(input_ids=torch.tensor([[*prompt, token]])).logits[0, -1]
+            for prompt, token in zip(prompts, next_tokens, strict=True)
+        ]
+        runner = ModelRunner(
+            model, torch.device("cpu"), max_slots=4, fused_kernels=True, compile_decode=True
+        )
+        _, staged = runner.prefill(prompts)
+        runner.add_rows(staged, [len(prompt) for prompt in prompts])
+        decoded = runner.decode(next_tokens)
+        # The decode step of the second row wrote its key at position 3 of slot 1.
+        written = runner.keys[:, 1, :, 3]
+    assert runner._compiled_decode is not None, "the compiled step failed and fell back to eager"
+    torch.testing.assert_close(decoded, torch.stack(continued), rtol=1e-4, atol=1e-4)
+    assert written.abs().sum() > 0
