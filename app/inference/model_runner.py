@@ -210,6 +210,7 @@ class ModelRunner:
         lm_head = model.get_output_embeddings()
         self._lm_head = _Projection(lm_head.weight, lm_head.bias, self.uses_openblas)
         self._layers = [_Layer(module, self.uses_openblas) for module in model.model.layers]
+        self._layer_indices = [torch.tensor([index], device=device) for index in range(len(self._layers))]
         self._q_size = self.heads * self.head_dim
         self._kv_size = self.kv_heads * self.head_dim
         self.capacity = 0
@@ -224,9 +225,7 @@ class ModelRunner:
         self._rotate_jointly = self._layers[0].q_norm is None
         self._compiled_decode: Any = None
         self._smallest_bucket = 1
-        self._write_decode_kv: Any = _write_decode_kv
         if compile_decode:
-            self._write_decode_kv = _write_decode_kv_operator
             # Sizes of 1 are specialised by the compiler: a batch of one runs in the bucket of two
             # (the same weights are read) rather than paying for a second compilation.
             self._smallest_bucket = min(2, max_slots)
@@ -450,9 +449,12 @@ class ModelRunner:
             mask.masked_fill_(hidden_columns, float("-inf"))
         for index, layer in enumerate(self._layers):
             query, key, value = self._project_qkv(layer, hidden, rotation)
-            self._write_decode_kv(
-                self.keys, self.values, index, slots, positions, key.squeeze(2), value.squeeze(2)
-            )
+            # Indexed by tensors only: torch.compile then writes the cache in place, keys and values
+            # in one kernel (an integer index made a view of the cache, and the compiled step copied
+            # each layer's whole cache and wrote it back every step).
+            at = (self._layer_indices[index], slots, slice(None), positions)
+            self.keys[at] = key.squeeze(2)
+            self.values[at] = value.squeeze(2)
             keys = self.keys[index, :rows, :, :window]
             values = self.values[index, :rows, :, :window]
             if mask is None:
@@ -518,30 +520,6 @@ class _CapturedStep:
         # thread_local: the event loop thread may touch CUDA (a seeded request's generator) meanwhile.
         with torch.cuda.graph(self.graph, pool=self.pool, capture_error_mode="thread_local"):
             self.logits = self._run()
-
-
-def _write_decode_kv(
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    layer: int,
-    slots: torch.Tensor,
-    positions: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-) -> None:
-    """Row r's key and value [rows, kv_heads, head_dim] go to slots[r] at positions[r] of `layer`."""
-    keys[layer, slots, :, positions] = key
-    values[layer, slots, :, positions] = value
-
-
-# The same write as an operator of its own, for the compiled decode step: traced as indexing into
-# a view of the cache, the compiled step copied each layer's whole cache and wrote all of it back
-# (the first GPU run's compiled variant was slower than the uncompiled one). As an operator that
-# declares what it mutates, the cache is updated in place. Eager calls pay about 40 us more for
-# the dispatch, so the uncompiled step calls the plain function.
-_write_decode_kv_operator = torch.library.custom_op("zeus::write_decode_kv", mutates_args=("keys", "values"))(
-    _write_decode_kv
-)
 
 
 @dataclass
