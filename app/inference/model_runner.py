@@ -20,9 +20,10 @@ a fixed layout instead:
 - on CUDA the step is also built from fewer kernels (`fused_kernels`): a decode step of a small
   model is a chain of a few hundred tiny kernels whose count, not the bytes they read, sets its
   time. One kernel per norm, the residual additions inside the matrix products, the rotary
-  embedding of a decode step as one batched product with per-row rotation matrices, the attention
-  mask built once per step instead of converted by every layer. These change the order of
-  floating-point roundings, so the CPU keeps transformers' exact operations;
+  embedding of a decode step as one batched product with per-row rotation matrices (compiled:
+  elementwise, fused with the cache write), the attention mask built once per step instead of
+  converted by every layer. These change the order of floating-point roundings, so the CPU keeps
+  transformers' exact operations;
 - on the CPU in fp32, the matrix products run through numpy's OpenBLAS on a transposed copy of
   each weight (see _Projection: about twice MKL's speed for a few rows on AMD processors, at the
   cost of a second copy of the weight matrices).
@@ -225,6 +226,9 @@ class ModelRunner:
         self._rotate_jointly = self._layers[0].q_norm is None
         self._compiled_decode: Any = None
         self._smallest_bucket = 1
+        # A decode step rotates by one matrix per row with fused kernels; compiled, the elementwise
+        # rotation fuses with the cache write into one kernel instead, which is fewer still.
+        self._rotate_by_matrices = self.fused_kernels and not compile_decode
         if compile_decode:
             # Sizes of 1 are specialised by the compiler: a batch of one runs in the bucket of two
             # (the same weights are read) rather than paying for a second compilation.
@@ -279,6 +283,7 @@ class ModelRunner:
             except Exception:
                 logger.exception("torch.compile of the decode step failed; running it uncompiled from now on")
                 self._compiled_decode = None
+                self._rotate_by_matrices = self.fused_kernels
         return self._decode_forward(tokens, positions, window, masked)
 
     def add_rows(self, staged: StagedKV, lengths: list[int]) -> None:
@@ -310,7 +315,7 @@ class ModelRunner:
         """The rotary embedding at `positions` [batch, tokens] (hidden: only its dtype and device)."""
         cos, sin = self._rotary(hidden, positions)
         matrices = None
-        if self.fused_kernels and positions.shape[1] == 1:
+        if self._rotate_by_matrices and positions.shape[1] == 1:
             matrices = _rotation_matrices(cos[:, 0], sin[:, 0])
         # cos/sin: [batch, tokens, head_dim], broadcast over the heads.
         return _Rotation(cos.unsqueeze(2), sin.unsqueeze(2), matrices)

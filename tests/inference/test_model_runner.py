@@ -198,9 +198,7 @@ def test_the_compiled_decode_step_computes_what_transformers_computes() -> None:
             model(input_ids=torch.tensor([[*prompt, token]])).logits[0, -1]
             for prompt, token in zip(prompts, next_tokens, strict=True)
         ]
-        runner = ModelRunner(
-            model, torch.device("cpu"), max_slots=4, fused_kernels=True, compile_decode=True
-        )
+        runner = ModelRunner(model, torch.device("cpu"), max_slots=4, fused_kernels=True, compile_decode=True)
         _, staged = runner.prefill(prompts)
         runner.add_rows(staged, [len(prompt) for prompt in prompts])
         decoded = runner.decode(next_tokens)
