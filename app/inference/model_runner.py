@@ -8,7 +8,7 @@ a fixed layout instead:
 
 - one key and one value tensor for all layers, ``[layers, slots, kv_heads, capacity, head_dim]``;
   row ``r`` of the running batch lives in slot ``r``, so a decode step reads a plain view of the
-  first ``batch`` slots, with one boolean mask for rows of different lengths;
+  first ``batch`` slots, with one mask for rows of different lengths;
 - prompts are prefilled into a separate staging tensor (no slot is touched until the sequence
   joins the batch), one chunk at a time for long prompts, several short prompts in one pass;
 - the query, key and value projections, and the gate and up projections, are fused into one
@@ -24,9 +24,9 @@ a fixed layout instead:
   elementwise, fused with the cache write), the attention mask built once per step instead of
   converted by every layer. These change the order of floating-point roundings, so the CPU keeps
   transformers' exact operations;
-- on the CPU in fp32, the matrix products run through numpy's OpenBLAS on a transposed copy of
-  each weight (see _Projection: about twice MKL's speed for a few rows on AMD processors, at the
-  cost of a second copy of the weight matrices).
+- on the CPU in fp32, the matrix products run through numpy's OpenBLAS on transposed weights
+  (see _Projection: about twice MKL's speed for a few rows on AMD processors); the modules keep
+  transposed views of them, so the weights are still held once.
 
 The attention calls mirror transformers' SDPA integration (GQA packing for single-token queries,
 `enable_gqa` without a mask), so greedy fp32 outputs match `model.generate` token for token.
@@ -94,46 +94,50 @@ def check_supported(model: Any) -> None:
         raise ModelLoadError(f"model {model_type} does not have the Llama decoder layout: {error}") from error
 
 
-def _fuse_linears(linears: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One weight (and bias) for several projections of the same input; the modules keep views of it."""
-    weight = torch.cat([linear.weight.data for linear in linears], dim=0)
-    has_bias = [linear.bias is not None for linear in linears]
-    bias = None
-    if any(has_bias):
-        bias = torch.cat(
-            [
-                linear.bias.data if linear.bias is not None else weight.new_zeros(linear.weight.shape[0])
-                for linear in linears
-            ]
-        )
-    start = 0
-    for linear in linears:
-        rows = linear.weight.shape[0]
-        linear.weight.data = weight[start : start + rows]
-        if linear.bias is not None and bias is not None:
-            linear.bias.data = bias[start : start + rows]
-        start += rows
-    return weight, bias
-
-
 def _round_up(value: int, step: int) -> int:
     return -(-value // step) * step
 
 
 class _Projection:
-    """A linear map of the runner. On the CPU in fp32 it multiplies through numpy's OpenBLAS.
+    """One matrix product of the runner, over one Linear or several of the same input (fused).
 
-    torch's CPU build multiplies through MKL, whose small-batch fp32 kernels run several times
-    below the memory bandwidth on AMD processors (a batch-8 decode step spent 70% of its time
-    there); OpenBLAS picks kernels for the processor it finds. It needs the weight transposed
-    ([in, out], contiguous), a copy of the module's weight: the module keeps its own, so
-    `generate` on the model is unchanged.
+    Several projections of one input (query/key/value, gate/up) become one product over their
+    concatenated weights; the modules keep views of the runner's weight, so the model still works
+    (`generate`, the tests' reference) and the weights are held once.
+
+    On the CPU in fp32 the product runs through numpy's OpenBLAS: torch's CPU build multiplies
+    through MKL, whose small-batch fp32 kernels run several times below the memory bandwidth on
+    AMD processors (a batch-8 decode step spent 70% of its time there), while OpenBLAS picks
+    kernels for the processor it finds. OpenBLAS wants the weight transposed ([in, out],
+    contiguous); the modules then hold transposed views of it, which torch multiplies by as fast
+    as by the original layout (SmolLM2's `generate` took 3.8 s instead of 4.4 s for 64 tokens).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, use_openblas: bool) -> None:
+    def __init__(self, linears: list[Any], use_openblas: bool) -> None:
+        weights = [linear.weight.data for linear in linears]
+        weight = torch.cat(weights) if len(weights) > 1 else weights[0]
+        bias = None
+        if any(linear.bias is not None for linear in linears):
+            bias = torch.cat(
+                [
+                    linear.bias.data if linear.bias is not None else weight.new_zeros(linear.weight.shape[0])
+                    for linear in linears
+                ]
+            )
+        self.transposed = None
+        if use_openblas:
+            transposed = weight.t().contiguous()
+            self.transposed = transposed.numpy()
+            weight = transposed.t()
+        start = 0
+        for linear in linears:
+            rows = linear.weight.shape[0]
+            linear.weight.data = weight[start : start + rows]
+            if linear.bias is not None and bias is not None:
+                linear.bias.data = bias[start : start + rows]
+            start += rows
         self.weight = weight
         self.bias = bias
-        self.transposed = weight.detach().t().contiguous().numpy() if use_openblas else None
 
     def add_into(self, hidden: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """hidden += inputs @ weight.T (+ bias), in place: one product whose output adds to `hidden`."""
@@ -168,13 +172,10 @@ class _Layer:
         self.post_attention_norm = module.post_attention_layernorm
         self.q_norm = getattr(attention, "q_norm", None)
         self.k_norm = getattr(attention, "k_norm", None)
-        self.qkv = _Projection(
-            *_fuse_linears([attention.q_proj, attention.k_proj, attention.v_proj]), use_openblas
-        )
-        self.o_proj = _Projection(attention.o_proj.weight, attention.o_proj.bias, use_openblas)
-        self.gate_up = _Projection(*_fuse_linears([module.mlp.gate_proj, module.mlp.up_proj]), use_openblas)
-        down = module.mlp.down_proj
-        self.down_proj = _Projection(down.weight, down.bias, use_openblas)
+        self.qkv = _Projection([attention.q_proj, attention.k_proj, attention.v_proj], use_openblas)
+        self.o_proj = _Projection([attention.o_proj], use_openblas)
+        self.gate_up = _Projection([module.mlp.gate_proj, module.mlp.up_proj], use_openblas)
+        self.down_proj = _Projection([module.mlp.down_proj], use_openblas)
         self.act_fn = module.mlp.act_fn
         self.intermediate = module.mlp.gate_proj.weight.shape[0]
         self.scaling = attention.scaling
@@ -209,7 +210,7 @@ class ModelRunner:
         self.fused_kernels = device.type == "cuda" if fused_kernels is None else fused_kernels
         self.uses_openblas = device.type == "cpu" and self.dtype == torch.float32 and not self.fused_kernels
         lm_head = model.get_output_embeddings()
-        self._lm_head = _Projection(lm_head.weight, lm_head.bias, self.uses_openblas)
+        self._lm_head = _Projection([lm_head], self.uses_openblas)
         self._layers = [_Layer(module, self.uses_openblas) for module in model.model.layers]
         self._layer_indices = [torch.tensor([index], device=device) for index in range(len(self._layers))]
         self._q_size = self.heads * self.head_dim
