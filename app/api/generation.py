@@ -94,8 +94,18 @@ def observe(state: ZeusState, result: GenerationResult, submitted_at: float) -> 
     state.metrics.observe_generation(result, time.monotonic() - submitted_at)
 
 
+# Python's str.splitlines(), and so httpx's iter_lines(), also breaks lines at these characters,
+# which SSE does not: left raw inside a JSON string they cut an event in two for such clients (a
+# model's text can contain them). JSON allows them escaped; the decoded text is the same.
+_SPLITLINES_BREAKS_ESCAPED = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(event: str | None, data: Any) -> str:
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    """One server-sent event; `data` other than a string is sent as JSON on one line."""
+    if isinstance(data, str):
+        payload = data
+    else:
+        payload = json.dumps(data, ensure_ascii=False).translate(_SPLITLINES_BREAKS_ESCAPED)
     prefix = f"event: {event}\n" if event else ""
     return f"{prefix}data: {payload}\n\n"
 
