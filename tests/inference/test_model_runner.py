@@ -125,6 +125,29 @@ def _random_model(model_type: str) -> Any:
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
+# Two prompts of different lengths (the decode step needs its mask), and each one's next token.
+_PROMPTS = [[5, 17, 42, 9, 100, 7], [8, 3, 250]]
+_NEXT_TOKENS = [11, 12]
+
+
+def _transformers_logits_after_next_token(model: Any) -> torch.Tensor:
+    """[rows, vocab]: transformers' logits after each prompt followed by its next token."""
+    return torch.stack(
+        [
+            model(input_ids=torch.tensor([[*prompt, token]])).logits[0, -1]
+            for prompt, token in zip(_PROMPTS, _NEXT_TOKENS, strict=True)
+        ]
+    )
+
+
+def _runner_holding_the_prompts(model: Any, **settings: Any) -> tuple[ModelRunner, torch.Tensor]:
+    """A runner with both prompts prefilled into its first slots, and their prefill logits."""
+    runner = ModelRunner(model, torch.device("cpu"), **settings)
+    logits, staged = runner.prefill(_PROMPTS)
+    runner.add_rows(staged, [len(prompt) for prompt in _PROMPTS])
+    return runner, logits
+
+
 @pytest.mark.parametrize("fused_kernels", [False, True], ids=["exact", "fused"])
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "mistral"])
 def test_supported_layouts_compute_what_transformers_computes(model_type: str, fused_kernels: bool) -> None:
@@ -134,21 +157,15 @@ def test_supported_layouts_compute_what_transformers_computes(model_type: str, f
     run here on the CPU too: the same arithmetic, rounded in another order.
     """
     model = _random_model(model_type)
-    prompts = [[5, 17, 42, 9, 100, 7], [8, 3, 250]]
     with torch.inference_mode():
-        references = [model(input_ids=torch.tensor([prompt])).logits[0] for prompt in prompts]
-        next_tokens = [11, 12]
-        continued = [
-            model(input_ids=torch.tensor([[*prompt, token]])).logits[0, -1]
-            for prompt, token in zip(prompts, next_tokens, strict=True)
-        ]
-        runner = ModelRunner(model, torch.device("cpu"), max_slots=2, fused_kernels=fused_kernels)
-        logits, staged = runner.prefill(prompts)
-        runner.add_rows(staged, [len(prompt) for prompt in prompts])
-        decoded = runner.decode(next_tokens)
-    for row, reference in enumerate(references):
-        torch.testing.assert_close(logits[row], reference[-1], rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(decoded[row], continued[row], rtol=1e-4, atol=1e-4)
+        references = torch.stack(
+            [model(input_ids=torch.tensor([prompt])).logits[0, -1] for prompt in _PROMPTS]
+        )
+        continued = _transformers_logits_after_next_token(model)
+        runner, logits = _runner_holding_the_prompts(model, max_slots=2, fused_kernels=fused_kernels)
+        decoded = runner.decode(_NEXT_TOKENS)
+    torch.testing.assert_close(logits, references, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(decoded, continued, rtol=1e-4, atol=1e-4)
 
 
 def test_a_captured_step_shape_computes_what_transformers_computes() -> None:
@@ -158,21 +175,14 @@ def test_a_captured_step_shape_computes_what_transformers_computes() -> None:
     unwritten positions of the window.
     """
     model = _random_model("llama")
-    prompts = [[5, 17, 42, 9, 100, 7], [8, 3, 250]]
-    next_tokens = [11, 12]
     with torch.inference_mode():
-        continued = [
-            model(input_ids=torch.tensor([[*prompt, token]])).logits[0, -1]
-            for prompt, token in zip(prompts, next_tokens, strict=True)
-        ]
-        runner = ModelRunner(model, torch.device("cpu"), max_slots=4, fused_kernels=True)
-        _, staged = runner.prefill(prompts)
-        runner.add_rows(staged, [len(prompt) for prompt in prompts])
-        tokens = torch.tensor([*next_tokens, 0, 0])
-        positions = torch.tensor([len(prompt) for prompt in prompts] + [0, 0])
+        continued = _transformers_logits_after_next_token(model)
+        runner, _ = _runner_holding_the_prompts(model, max_slots=4, fused_kernels=True)
+        tokens = torch.tensor([*_NEXT_TOKENS, 0, 0])
+        positions = torch.tensor([len(prompt) for prompt in _PROMPTS] + [0, 0])
         decoded = runner._decode_forward(tokens, positions, window=runner.capacity, masked=True)
     assert runner.capacity == 256
-    torch.testing.assert_close(decoded[:2], torch.stack(continued), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(decoded[:2], continued, rtol=1e-4, atol=1e-4)
 
 
 async def test_a_prompt_ending_at_its_first_token_leaves_its_group_exact(make_engine: EngineFactory) -> None:
@@ -191,19 +201,12 @@ async def test_a_prompt_ending_at_its_first_token_leaves_its_group_exact(make_en
 def test_the_compiled_decode_step_computes_what_transformers_computes() -> None:
     """compile_decode on the CPU (inductor's C++ backend): the logits, and the keys written in place."""
     model = _random_model("llama")
-    prompts = [[5, 17, 42, 9, 100, 7], [8, 3, 250]]
-    next_tokens = [11, 12]
     with torch.inference_mode():
-        continued = [
-            model(input_ids=torch.tensor([[*prompt, token]])).logits[0, -1]
-            for prompt, token in zip(prompts, next_tokens, strict=True)
-        ]
-        runner = ModelRunner(model, torch.device("cpu"), max_slots=4, fused_kernels=True, compile_decode=True)
-        _, staged = runner.prefill(prompts)
-        runner.add_rows(staged, [len(prompt) for prompt in prompts])
-        decoded = runner.decode(next_tokens)
+        continued = _transformers_logits_after_next_token(model)
+        runner, _ = _runner_holding_the_prompts(model, max_slots=4, fused_kernels=True, compile_decode=True)
+        decoded = runner.decode(_NEXT_TOKENS)
         # The decode step of the second row wrote its key at position 3 of slot 1.
         written = runner.keys[:, 1, :, 3]
     assert runner._compiled_decode is not None, "the compiled step failed and fell back to eager"
-    torch.testing.assert_close(decoded, torch.stack(continued), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(decoded, continued, rtol=1e-4, atol=1e-4)
     assert written.abs().sum() > 0
