@@ -109,8 +109,8 @@ class _Projection:
     through MKL, whose small-batch fp32 kernels run several times below the memory bandwidth on
     AMD processors (a batch-8 decode step spent 70% of its time there), while OpenBLAS picks
     kernels for the processor it finds. OpenBLAS wants the weight transposed ([in, out],
-    contiguous); the modules then hold transposed views of it, which torch multiplies by as fast
-    as by the original layout (SmolLM2's `generate` took 3.8 s instead of 4.4 s for 64 tokens).
+    contiguous); the modules then hold transposed views of it, which torch multiplies by at least
+    as fast as by the original layout (docs/performance.md).
     """
 
     def __init__(self, linears: list[Any], use_openblas: bool) -> None:
@@ -227,9 +227,6 @@ class ModelRunner:
         self._rotate_jointly = self._layers[0].q_norm is None
         self._compiled_decode: Any = None
         self._smallest_bucket = 1
-        # A decode step rotates by one matrix per row with fused kernels; compiled, the elementwise
-        # rotation fuses with the cache write into one kernel instead, which is fewer still.
-        self._rotate_by_matrices = self.fused_kernels and not compile_decode
         if compile_decode:
             # Sizes of 1 are specialised by the compiler: a batch of one runs in the bucket of two
             # (the same weights are read) rather than paying for a second compilation.
@@ -284,7 +281,6 @@ class ModelRunner:
             except Exception:
                 logger.exception("torch.compile of the decode step failed; running it uncompiled from now on")
                 self._compiled_decode = None
-                self._rotate_by_matrices = self.fused_kernels
         return self._decode_forward(tokens, positions, window, masked)
 
     def add_rows(self, staged: StagedKV, lengths: list[int]) -> None:
@@ -316,7 +312,9 @@ class ModelRunner:
         """The rotary embedding at `positions` [batch, tokens] (hidden: only its dtype and device)."""
         cos, sin = self._rotary(hidden, positions)
         matrices = None
-        if self._rotate_by_matrices and positions.shape[1] == 1:
+        # A decode step rotates by one matrix per row with fused kernels; compiled, the elementwise
+        # rotation fuses with the cache write into one kernel instead, which is fewer still.
+        if self.fused_kernels and self._compiled_decode is None and positions.shape[1] == 1:
             matrices = _rotation_matrices(cos[:, 0], sin[:, 0])
         # cos/sin: [batch, tokens, head_dim], broadcast over the heads.
         return _Rotation(cos.unsqueeze(2), sin.unsqueeze(2), matrices)
@@ -450,9 +448,9 @@ class ModelRunner:
             # Additive, in the model's dtype: attention would otherwise convert a boolean mask in
             # every layer (the same values: -inf where a row has no token yet, 0 elsewhere).
             columns = torch.arange(window, device=self.device)
-            hidden_columns = (columns.unsqueeze(0) > positions.unsqueeze(1)).view(rows, 1, 1, window)
-            mask = torch.zeros(hidden_columns.shape, device=self.device, dtype=self.dtype)
-            mask.masked_fill_(hidden_columns, float("-inf"))
+            unwritten = (columns.unsqueeze(0) > positions.unsqueeze(1)).view(rows, 1, 1, window)
+            mask = torch.zeros(unwritten.shape, device=self.device, dtype=self.dtype)
+            mask.masked_fill_(unwritten, float("-inf"))
         for index, layer in enumerate(self._layers):
             query, key, value = self._project_qkv(layer, hidden, rotation)
             # Indexed by tensors only: torch.compile then writes the cache in place, keys and values
