@@ -14,8 +14,14 @@ asyncio loop of the API keeps serving). Each iteration it:
    into the KV-cache slots after the running rows (model_runner.py: one slot per row, each
    with its own length);
 4. runs one decode step for the whole batch (logits of the last position only; a CUDA graph
-   replay on GPUs), samples each row with its own settings, detokenizes incrementally, and
-   removes finished rows at once (the last rows move into the freed slots).
+   replay on GPUs), samples each row with its own settings on the device, detokenizes
+   incrementally, and removes finished rows at once (the last rows move into the freed slots).
+   The step's input tokens are the previous step's choices, still on the device. On CUDA
+   (`overlap_host_work`) the host reads a step's tokens only once the next step is queued, so
+   its work per token (detokenizing, stop strings, streaming, scheduling) runs while the GPU
+   computes instead of between steps; a row that ends on an end-of-sequence token or stop
+   string then costs one discarded step, and a row's last token by max_tokens is read before
+   launching, so no step runs past it.
 
 Results travel to the asyncio loop through `loop.call_soon_threadsafe`, batched per step (one
 wake-up of the loop per step at most, sent just before the next forward pass), into one asyncio
@@ -45,7 +51,7 @@ import torch
 
 from app.inference.detokenizer import IncrementalDetokenizer, StopStringFilter
 from app.inference.loading import LoadedModel, load_model
-from app.inference.model_runner import ModelRunner, StagedKV, check_supported
+from app.inference.model_runner import ModelRunner, StagedKV, check_supported, to_device
 from app.inference.sampling import make_generator, sample_next_tokens
 from app.inference.types import (
     EngineClosedError,
@@ -83,6 +89,10 @@ class EngineConfig:
     # torch.compile the decode step (CUDA: fewer, fused kernels inside the CUDA graphs). Costs a
     # minute or two of compilation at the first requests; off by default.
     compile_decode: bool = False
+    # Read each decode step's tokens while the next step runs, so the host's work per step
+    # (detokenizing, stop strings, streaming, scheduling) hides behind the device's. None: on CUDA,
+    # where the device works on while the host does; on the CPU the same cores would do both.
+    overlap_host_work: bool | None = None
 
 
 class RequestStream:
@@ -148,6 +158,37 @@ class _Sequence:
     pending_token_count: int = 0
 
 
+class _ChosenTokens:
+    """The tokens one decode step chose for its rows, on their way to the host.
+
+    On CUDA the copy is queued behind the step into pinned memory, and reading waits for that step
+    only, not for work queued after it.
+    """
+
+    def __init__(self, tokens: torch.Tensor, sequences: list[_Sequence]) -> None:
+        self.sequences = sequences
+        self._ready: torch.cuda.Event | None = None
+        if tokens.device.type == "cuda":
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = tokens
+
+    def ends_a_sequence(self) -> bool:
+        """Whether these tokens bring a running sequence to its max_tokens."""
+        return any(
+            not sequence.stream.finished and len(sequence.output_ids) + 1 >= sequence.params.max_tokens
+            for sequence in self.sequences
+        )
+
+    def read(self) -> list[int]:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host.tolist()
+
+
 @dataclass(eq=False)
 class _Block:
     """Freshly prefilled sequences, waiting to join the running batch with their staged keys/values."""
@@ -200,6 +241,12 @@ class InferenceEngine:
         self._waiting: deque[_Sequence] = deque()
         self._prefilling: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
+        # The running rows' latest tokens, on the device: the next decode step's input.
+        self._next_tokens = torch.empty(0, dtype=torch.long, device=loaded.device)
+        overlap = config.overlap_host_work
+        self._overlap_host_work = loaded.device.type == "cuda" if overlap is None else overlap
+        # With overlap_host_work: the latest step's tokens, read once the next step is under way.
+        self._unread: _ChosenTokens | None = None
         # Taken out of _prefilling by the current iteration and not yet in _running: if a forward
         # pass fails in between, these must still get their error result.
         self._between: list[_Sequence] = []
@@ -487,7 +534,7 @@ class InferenceEngine:
                 head.staged = None
             tokens = sample_next_tokens(
                 logits, [s.params for s in block.sequences], [s.generator for s in block.sequences]
-            )
+            ).tolist()
             keep = [
                 row
                 for row, (sequence, token) in enumerate(zip(block.sequences, tokens, strict=True))
@@ -534,24 +581,42 @@ class InferenceEngine:
         for block in blocks:
             self._runner.add_rows(block.staged, block.lengths)
             self._running.extend(block.sequences)
+        first_tokens = [sequence.output_ids[-1] for block in blocks for sequence in block.sequences]
+        self._next_tokens = torch.cat([self._next_tokens, to_device(first_tokens, self._loaded.device)])
 
     def _decode_step(self) -> None:
-        token_ids = [s.output_ids[-1] for s in self._running]
+        if self._unread is not None and self._unread.ends_a_sequence():
+            # Read before launching: a step for a row that has all its tokens would be wasted (and
+            # could reach past the context or grow the cache). A row that ends on an end-of-sequence
+            # token or a stop string costs one step of computing that is thrown away instead.
+            self._accept_step(self._unread)
+            self._unread = None
+            if not self._running:
+                return
         # The previous step's text reaches the event loop now: its thread then works while this
         # thread computes (torch releases the GIL), instead of both contending for the GIL in between.
         self._flush_outbox()
-        logits = self._runner.decode(token_ids)
-        tokens = sample_next_tokens(
+        logits = self._runner.decode(self._next_tokens)
+        self._next_tokens = sample_next_tokens(
             logits,
             [s.params for s in self._running],
             [s.generator for s in self._running],
         )
         self._steps_total += 1
-        keep = [
-            row
-            for row, (sequence, token) in enumerate(zip(self._running, tokens, strict=True))
-            if not self._accept_token(sequence, token)
-        ]
+        chosen = _ChosenTokens(self._next_tokens, list(self._running))
+        if self._overlap_host_work:
+            chosen, self._unread = self._unread, chosen
+            if chosen is None:
+                return
+        self._accept_step(chosen)
+
+    def _accept_step(self, chosen: _ChosenTokens) -> None:
+        """Take in a step's tokens and drop the rows they finished from the running batch."""
+        for sequence, token in zip(chosen.sequences, chosen.read(), strict=True):
+            # A sequence may have finished since the step ran (cancelled, or one step earlier).
+            if not sequence.stream.finished:
+                self._accept_token(sequence, token)
+        keep = [row for row, sequence in enumerate(self._running) if not sequence.stream.finished]
         if len(keep) < len(self._running):
             self._keep_rows(keep)
 
@@ -560,6 +625,9 @@ class InferenceEngine:
         order = _fill_holes(keep)
         self._running = [self._running[row] for row in order]
         self._runner.keep_rows(order)
+        self._next_tokens = self._next_tokens[to_device(order, self._loaded.device)]
+        if not self._running:
+            self._unread = None  # every row it holds has finished
 
     def _accept_token(self, sequence: _Sequence, token: int) -> bool:
         """Record a sampled token, queue its text; True when the sequence is finished (and reported)."""
@@ -622,7 +690,12 @@ class InferenceEngine:
             self._finish(sequence, "cancelled")
         self._waiting.clear()
         self._prefilling.clear()
+        self._clear_running()
+
+    def _clear_running(self) -> None:
         self._running = []
+        self._next_tokens = self._next_tokens[:0]
+        self._unread = None
         self._runner.release()
 
     def _fail_everything(self, error: Exception) -> None:
@@ -632,8 +705,7 @@ class InferenceEngine:
             self._finish(sequence, "error", error=message)
         self._prefilling.clear()
         self._between.clear()
-        self._running = []
-        self._runner.release()
+        self._clear_running()
         if self._loaded.device.type == "cuda":
             torch.cuda.empty_cache()
 

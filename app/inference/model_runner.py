@@ -98,6 +98,19 @@ def _round_up(value: int, step: int) -> int:
     return -(-value // step) * step
 
 
+def to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """Integers from the host on `device`, without making the host wait for the device.
+
+    On CUDA, a copy from ordinary (pageable) host memory may wait until the stream's queued work
+    is done; a copy from pinned memory is queued behind it instead (torch keeps the pinned block
+    until the copy has run).
+    """
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 class _Projection:
     """One matrix product of the runner, over one Linear or several of the same input (fused).
 
@@ -418,18 +431,21 @@ class ModelRunner:
         logits = self._lm_head(self._norm(self._final_norm, hidden))[:, -1, :]
         return logits, StagedKV(torch.stack(new_keys), torch.stack(new_values))
 
-    def decode(self, token_ids: list[int]) -> torch.Tensor:
-        """One decode step of the running batch (row r = slot r); returns logits [rows, vocab]."""
-        rows = len(token_ids)
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One decode step of the running batch (row r = slot r); returns logits [rows, vocab].
+
+        tokens: [rows] on the device, each row's latest token. They may still be in the making
+        (the previous step's choice, queued on the device): nothing here waits for them.
+        """
+        rows = tokens.shape[0]
         if rows != len(self.lengths):
             raise ValueError(f"{rows} tokens for {len(self.lengths)} running rows")
         window = max(self.lengths) + 1
         self.reserve(window)
         if self.use_cuda_graphs and rows <= _GRAPH_BATCH_BUCKETS[-1]:
-            logits = self._decode_graphed(token_ids)
+            logits = self._decode_graphed(tokens)
         else:
-            tokens = torch.tensor(token_ids, device=self.device)
-            positions = torch.tensor(self.lengths, device=self.device)
+            positions = to_device(self.lengths, self.device)
             uniform = all(length == self.lengths[0] for length in self.lengths)
             logits = self._decode_step(tokens, positions, window, masked=not uniform)
         self.lengths = [length + 1 for length in self.lengths]
@@ -477,26 +493,27 @@ class ModelRunner:
 
     # ----- CUDA graphs ---------------------------------------------------------------------------
 
-    def _decode_graphed(self, token_ids: list[int]) -> torch.Tensor:
-        rows = len(token_ids)
+    def _decode_graphed(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = tokens.shape[0]
         bucket = next(size for size in _GRAPH_BATCH_BUCKETS if size >= max(rows, self._smallest_bucket))
         bucket = min(bucket, self.max_slots)
         window = min(_round_up(max(self.lengths) + 1, _CAPACITY_STEP), self.capacity)
         step = self._graphs.get((bucket, window))
-        padding = [0] * (bucket - rows)
+        # Padding rows compute in free slots at position 0: their writes are never read, and their
+        # tokens are whatever an earlier step left there (any token id will do).
+        positions = to_device(self.lengths + [0] * (bucket - rows), self.device)
         if step is None:
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
             step = _CapturedStep(self, bucket, window, self._graph_pool)
-            step.tokens.copy_(torch.tensor(token_ids + padding))
-            step.positions.copy_(torch.tensor(self.lengths + padding))
+            step.tokens[:rows].copy_(tokens)
+            step.positions.copy_(positions)
             step.capture()
             self._graphs[(bucket, window)] = step
             logger.debug("captured a CUDA graph for batch %d, window %d", bucket, window)
         else:
-            # Padding rows compute in free slots at position 0: their writes are never read.
-            step.tokens.copy_(torch.tensor(token_ids + padding), non_blocking=True)
-            step.positions.copy_(torch.tensor(self.lengths + padding), non_blocking=True)
+            step.tokens[:rows].copy_(tokens)
+            step.positions.copy_(positions)
         step.graph.replay()
         return step.logits[:rows]
 

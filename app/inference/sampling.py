@@ -16,7 +16,9 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return generator
 
 
-def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+def _sample_row(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> torch.Tensor:
     scores = logits.float() / params.temperature
     if 0 < params.top_k < scores.shape[-1]:
         kth_best = torch.topk(scores, params.top_k).values[-1]
@@ -28,17 +30,21 @@ def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         outside = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) > params.top_p
         scores = scores.scatter(0, order, sorted_scores.masked_fill(outside, float("-inf")))
     probabilities = torch.softmax(scores, dim=-1)
-    return int(torch.multinomial(probabilities, num_samples=1, generator=generator).item())
+    return torch.multinomial(probabilities, num_samples=1, generator=generator)
 
 
 def sample_next_tokens(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
-) -> list[int]:
-    """logits: [batch, vocab] of the last position. Greedy rows share one argmax."""
-    greedy = logits.argmax(dim=-1).tolist()
+) -> torch.Tensor:
+    """logits: [batch, vocab] of the last position -> the chosen token ids [batch], on the same device.
+
+    Greedy rows share one argmax. Nothing waits for the device: the caller reads the ids when it
+    needs them (on a GPU, while the next step runs).
+    """
+    chosen = logits.argmax(dim=-1)
     for row, row_params in enumerate(params):
         if row_params.temperature > 0:
-            greedy[row] = _sample_row(logits[row], row_params, generators[row])
-    return greedy
+            chosen[row : row + 1] = _sample_row(logits[row], row_params, generators[row])
+    return chosen

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from app.inference import GenerationRequest, GenerationResult, InferenceEngine, RequestStream, TextDelta
 from tests.inference.conftest import EngineFactory
 from tests.inference.helpers import chat, reference_tokens, wait_for
@@ -24,8 +26,15 @@ async def _submit_at_step(engine: InferenceEngine, request: GenerationRequest, s
     return engine.submit(request)
 
 
-async def test_concurrent_batch_is_token_identical_to_generate_alone(make_engine: EngineFactory) -> None:
-    engine = await make_engine()
+# Overlapped: the engine reads each step's tokens one step late, as it does on CUDA.
+OVERLAP = pytest.mark.parametrize("overlap_host_work", [False, True], ids=["serial", "overlapped"])
+
+
+@OVERLAP
+async def test_concurrent_batch_is_token_identical_to_generate_alone(
+    make_engine: EngineFactory, overlap_host_work: bool
+) -> None:
+    engine = await make_engine(overlap_host_work=overlap_host_work)
     long_prompt = "What is the capital of France? What colour is the sky? Tell me a story. " * 4
     requests = [
         chat("What is two plus three?", max_tokens=48, temperature=0, ignore_eos=True),
@@ -87,6 +96,20 @@ async def test_concurrent_batch_is_token_identical_to_generate_alone(make_engine
     assert stats.requests_total == 6
 
 
+@OVERLAP
+async def test_a_request_costs_one_decode_step_per_token_after_the_first(
+    make_engine: EngineFactory, overlap_host_work: bool
+) -> None:
+    """The first token comes from the prefill; reading tokens late must not run a step past max_tokens."""
+    engine = await make_engine(overlap_host_work=overlap_host_work)
+    for max_tokens in (1, 2, 10):
+        steps_before = engine.stats().decode_steps_total
+        request = chat("Hi", max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        result = await engine.submit(request).result()
+        assert result.completion_tokens == max_tokens
+        assert engine.stats().decode_steps_total - steps_before == max_tokens - 1
+
+
 async def test_ignore_eos_gives_exactly_max_tokens(make_engine: EngineFactory) -> None:
     engine = await make_engine()
     natural = await engine.submit(
@@ -103,8 +126,9 @@ async def test_ignore_eos_gives_exactly_max_tokens(make_engine: EngineFactory) -
     assert len(forced.token_ids) == 64
 
 
-async def test_seed_makes_sampling_reproducible(make_engine: EngineFactory) -> None:
-    engine = await make_engine()
+@OVERLAP
+async def test_seed_makes_sampling_reproducible(make_engine: EngineFactory, overlap_host_work: bool) -> None:
+    engine = await make_engine(overlap_host_work=overlap_host_work)
 
     async def sample(seed: int) -> tuple[int, ...]:
         request = chat(

@@ -70,15 +70,17 @@ def test_gpu_check_runs_its_steps_on_the_cpu(tmp_path: Path) -> None:
     completed = subprocess.run(
         [
             sys.executable, "bench/gpu_check", "--cpu-dry-run", "--shapes", "SmolLM2-135M",
-            "--variants", "graphs", "--prompt-len", "8", "--output-len", "4", "--concurrency", "2",
-            "--output", str(output),
+            "--variants", "graphs,graphs-serial", "--prompt-len", "8", "--output-len", "4",
+            "--concurrency", "2", "--output", str(output),
         ],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-2000:]
     [row] = json.loads(output.read_text())["rows"]
     assert row["shape"] == "SmolLM2-135M"
-    assert row["graphs"]["batch1_decode_tok_s"] > 0 and row["graphs"]["concurrent_tok_s"] > 0
+    for variant in ("graphs", "graphs-serial"):
+        assert row[variant]["batch1_decode_tok_s"] > 0 and row[variant]["concurrent_tok_s"] > 0
     for label in ("exact", "fused"):
         assert row[f"runner_{label}"]["decode_call_ms"] > 0, completed.stdout
+        assert row[f"runner_{label}"]["overlapped_call_ms"] > 0, completed.stdout
     assert "| SmolLM2-135M | fused |" in completed.stdout

@@ -24,14 +24,19 @@ from tests.inference.helpers import chat, wait_for
 ENDLESS = {"max_tokens": 500, "temperature": 0, "ignore_eos": True}
 
 
-async def test_cancel_frees_the_slot_within_one_step(make_engine: EngineFactory) -> None:
+@pytest.mark.parametrize("overlap_host_work", [False, True], ids=["serial", "overlapped"])
+async def test_cancel_frees_the_slot_within_one_step(
+    make_engine: EngineFactory, overlap_host_work: bool
+) -> None:
     steps_at_finish: list[int] = []
 
     class StepsAtFinish(EngineObserver):
         def on_request_finished(self, result: GenerationResult) -> None:
             steps_at_finish.append(engine.stats().decode_steps_total)
 
-    engine = await make_engine(max_batch_size=2, max_queue=0, observer=StepsAtFinish())
+    engine = await make_engine(
+        max_batch_size=2, max_queue=0, observer=StepsAtFinish(), overlap_host_work=overlap_host_work
+    )
     first = engine.submit(chat("Tell me a story.", **ENDLESS))
     second = engine.submit(chat("What is two plus three?", **ENDLESS))
     await wait_for(lambda: engine.stats().decode_steps_total >= 5)

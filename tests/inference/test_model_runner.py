@@ -163,7 +163,7 @@ def test_supported_layouts_compute_what_transformers_computes(model_type: str, f
         )
         continued = _transformers_logits_after_next_token(model)
         runner, logits = _runner_holding_the_prompts(model, max_slots=2, fused_kernels=fused_kernels)
-        decoded = runner.decode(_NEXT_TOKENS)
+        decoded = runner.decode(torch.tensor(_NEXT_TOKENS))
     torch.testing.assert_close(logits, references, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(decoded, continued, rtol=1e-4, atol=1e-4)
 
@@ -204,7 +204,7 @@ def test_the_compiled_decode_step_computes_what_transformers_computes() -> None:
     with torch.inference_mode():
         continued = _transformers_logits_after_next_token(model)
         runner, _ = _runner_holding_the_prompts(model, max_slots=4, fused_kernels=True, compile_decode=True)
-        decoded = runner.decode(_NEXT_TOKENS)
+        decoded = runner.decode(torch.tensor(_NEXT_TOKENS))
         # The decode step of the second row wrote its key at position 3 of slot 1.
         written = runner.keys[:, 1, :, 3]
     assert runner._compiled_decode is not None, "the compiled step failed and fell back to eager"
