@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import platform
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,28 +68,20 @@ class _Progress:
         self._bar.close()
 
 
-async def _run_engine_level(
-    engine: Any, prompts: list[str], output_len: int, concurrency: int, progress: _Progress
+async def _closed_loop(
+    prompts: list[str],
+    concurrency: int,
+    progress: _Progress,
+    send: Callable[[str, RequestRecord], Awaitable[None]],
 ) -> tuple[list[RequestRecord], float]:
-    from app.inference import GenerationRequest, SamplingParams, TextDelta
-
-    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    """`concurrency` clients, each sending its next prompt when its previous request has finished."""
     slots = asyncio.Semaphore(concurrency)
 
     async def one(prompt: str) -> RequestRecord:
         async with slots:
             record = RequestRecord(sent_at=time.perf_counter())
             try:
-                async for item in engine.submit(GenerationRequest(prompt=prompt, params=params)):
-                    now = time.perf_counter()
-                    if isinstance(item, TextDelta):
-                        record.chunk_times.append(now)
-                    else:
-                        record.finished_at = now
-                        record.prompt_tokens = item.prompt_tokens
-                        record.output_tokens = item.completion_tokens
-                        if item.finish_reason not in ("length", "stop"):
-                            record.error = item.finish_reason
+                await send(prompt, record)
             except Exception as error:
                 record.error = type(error).__name__
             progress.advance()
@@ -97,6 +90,28 @@ async def _run_engine_level(
     started = time.perf_counter()
     records = await asyncio.gather(*(one(prompt) for prompt in prompts))
     return list(records), time.perf_counter() - started
+
+
+async def _run_engine_level(
+    engine: Any, prompts: list[str], output_len: int, concurrency: int, progress: _Progress
+) -> tuple[list[RequestRecord], float]:
+    from app.inference import GenerationRequest, SamplingParams, TextDelta
+
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+
+    async def send(prompt: str, record: RequestRecord) -> None:
+        async for item in engine.submit(GenerationRequest(prompt=prompt, params=params)):
+            now = time.perf_counter()
+            if isinstance(item, TextDelta):
+                record.chunk_times.append(now)
+            else:
+                record.finished_at = now
+                record.prompt_tokens = item.prompt_tokens
+                record.output_tokens = item.completion_tokens
+                if item.finish_reason not in ("length", "stop"):
+                    record.error = item.finish_reason
+
+    return await _closed_loop(prompts, concurrency, progress, send)
 
 
 class _TimingStreamer:
@@ -142,26 +157,14 @@ async def _run_naive_level(
 ) -> tuple[list[RequestRecord], float]:
     from app.inference import GenerationRequest
 
-    slots = asyncio.Semaphore(concurrency)
     one_at_a_time = asyncio.Lock()
 
-    async def one(prompt: str) -> RequestRecord:
-        async with slots:
-            record = RequestRecord(sent_at=time.perf_counter())
-            prompt_ids = engine.prompt_token_ids(GenerationRequest(prompt=prompt))
-            async with one_at_a_time:
-                try:
-                    await asyncio.to_thread(
-                        _generate_one, engine.model, prompt_ids, output_len, record, threads
-                    )
-                except Exception as error:
-                    record.error = type(error).__name__
-            progress.advance()
-            return record
+    async def send(prompt: str, record: RequestRecord) -> None:
+        prompt_ids = engine.prompt_token_ids(GenerationRequest(prompt=prompt))
+        async with one_at_a_time:
+            await asyncio.to_thread(_generate_one, engine.model, prompt_ids, output_len, record, threads)
 
-    started = time.perf_counter()
-    records = await asyncio.gather(*(one(prompt) for prompt in prompts))
-    return list(records), time.perf_counter() - started
+    return await _closed_loop(prompts, concurrency, progress, send)
 
 
 async def run(arguments: argparse.Namespace) -> dict[str, Any]:
