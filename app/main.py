@@ -167,6 +167,7 @@ def build_app(settings: Settings, engine) -> FastAPI:  # engine: app.inference.I
     state = ZeusState(
         settings=settings, db_engine=db_engine, sessions=session_factory(db_engine), engine=engine
     )
+    engine.observer = state.metrics
     app = FastAPI(
         title="Zeus",
         version="0.1.0",

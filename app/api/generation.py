@@ -1,11 +1,10 @@
-"""Submitting to the engine from a request: error mapping, usage rows and metrics, shared by the
-chat routes and the OpenAI-compatible routes."""
+"""Submitting to the engine from a request: error mapping, usage rows and server-sent events,
+shared by the chat routes and the OpenAI-compatible routes."""
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -19,7 +18,6 @@ from app.inference.types import (
     EngineClosedError,
     EngineFullError,
     GenerationRequest,
-    GenerationResult,
     InvalidRequestError,
     PromptTooLongError,
 )
@@ -88,10 +86,6 @@ def record_usage(
             )
     except Exception as error:  # usage is bookkeeping: a database hiccup must not fail the reply
         log.warning("usage row not written: %s", error)
-
-
-def observe(state: ZeusState, result: GenerationResult, submitted_at: float) -> None:
-    state.metrics.observe_generation(result, time.monotonic() - submitted_at)
 
 
 # Python's str.splitlines(), and so httpx's iter_lines(), also breaks lines at these characters,

@@ -29,8 +29,9 @@ queue per request. A request's stream yields TextDelta items and then exactly on
 GenerationResult. Cancelling (stream.cancel(), aclose(), or leaving `async for` early) marks the
 sequence; the scheduler drops it before its next forward pass.
 
-Metrics: `stats()` returns counters, and an optional EngineObserver (types.py) receives
-on_request_queued / on_first_token / on_step / on_request_finished calls from the scheduler thread.
+Metrics: `stats()` returns counters, and an EngineObserver (types.py) set as `engine.observer`
+before `start()` receives on_request_queued / on_first_token / on_step / on_request_finished calls
+from the scheduler thread (the API's Prometheus metrics are one).
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ def _fill_holes(keep: list[int]) -> list[int]:
 
 
 class InferenceEngine:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel, observer: EngineObserver | None) -> None:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel) -> None:
         self.config = config
         self._loaded = loaded
         self._model = loaded.model
@@ -235,7 +236,8 @@ class InferenceEngine:
             from threadpoolctl import threadpool_limits
 
             threadpool_limits(limits=config.torch_threads or torch.get_num_threads(), user_api="blas")
-        self._observer = observer
+        # Metrics hooks; set before start() (the scheduler thread calls them).
+        self.observer: EngineObserver | None = None
         self._lock = threading.Condition()
         self._incoming: deque[_Sequence] = deque()
         self._waiting: deque[_Sequence] = deque()
@@ -267,7 +269,7 @@ class InferenceEngine:
     # ----- construction and lifecycle -------------------------------------------------------
 
     @classmethod
-    def load(cls, config: EngineConfig, observer: EngineObserver | None = None) -> InferenceEngine:
+    def load(cls, config: EngineConfig) -> InferenceEngine:
         """Load the model (blocking, seconds). Raises ModelLoadError with one line naming what is wrong."""
         if config.max_batch_size < 1 or config.max_queue < 0 or config.prefill_chunk_tokens < 1:
             raise ModelLoadError(
@@ -279,7 +281,7 @@ class InferenceEngine:
             torch.set_num_threads(config.torch_threads)
         loaded = load_model(config.model_path, device=config.device, dtype=config.dtype)
         check_supported(loaded.model)
-        return cls(config, loaded, observer)
+        return cls(config, loaded)
 
     @property
     def model_name(self) -> str:
@@ -672,6 +674,7 @@ class InferenceEngine:
             completion_tokens=len(sequence.output_ids),
             ttft_s=None if first is None else first - sequence.submitted_at,
             decode_s=0.0 if first is None else now - first,
+            e2e_s=now - sequence.submitted_at,
             error=error,
             token_ids=tuple(sequence.output_ids),
         )
@@ -681,8 +684,7 @@ class InferenceEngine:
         with self._lock:
             self._in_system -= 1
         # A smoothed request duration feeds Retry-After estimates.
-        elapsed = now - sequence.submitted_at
-        self._recent_request_seconds = 0.8 * self._recent_request_seconds + 0.2 * elapsed
+        self._recent_request_seconds = 0.8 * self._recent_request_seconds + 0.2 * result.e2e_s
         self._notify("on_request_finished", result)
 
     def _cancel_everything(self) -> None:
@@ -734,9 +736,9 @@ class InferenceEngine:
             stream._deliver(item)
 
     def _notify(self, hook: str, *args: Any) -> None:
-        if self._observer is None:
+        if self.observer is None:
             return
         try:
-            getattr(self._observer, hook)(*args)
+            getattr(self.observer, hook)(*args)
         except Exception:
             logger.exception("engine observer hook %s failed", hook)

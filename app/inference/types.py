@@ -58,6 +58,8 @@ class GenerationResult:
     completion_tokens: int
     ttft_s: float | None
     decode_s: float
+    # Submitted to finished: queueing, prefill and decoding.
+    e2e_s: float
     error: str | None = None
     # The generated token ids (end-of-sequence included when the model wrote it): tests compare them.
     token_ids: tuple[int, ...] = ()

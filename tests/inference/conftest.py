@@ -29,7 +29,8 @@ async def make_engine(tiny_model_path: Path) -> AsyncIterator[EngineFactory]:
             "max_new_tokens": 512,
         }
         settings.update(overrides)
-        engine = InferenceEngine.load(EngineConfig(**settings), observer=observer)
+        engine = InferenceEngine.load(EngineConfig(**settings))
+        engine.observer = observer
         await engine.start()
         engines.append(engine)
         return engine

@@ -174,12 +174,7 @@ async def test_observer_sees_queue_first_tokens_steps_and_results(make_engine: E
             self.events.append(("finished", result))
 
     recorder = Recorder()
-    engine = await make_engine()
-    # The factory does not take an observer: attach one the way the API does, at load time.
-    from app.inference import EngineConfig, InferenceEngine
-
-    engine = InferenceEngine.load(EngineConfig(**{**engine.config.__dict__}), observer=recorder)
-    await engine.start()
+    engine = await make_engine(observer=recorder)
     try:
         results = await asyncio.gather(
             *(
@@ -195,3 +190,6 @@ async def test_observer_sees_queue_first_tokens_steps_and_results(make_engine: E
     assert kinds.count("finished") == 2
     assert sum(value for kind, value in recorder.events if kind == "step") == 12
     assert {id(value) for kind, value in recorder.events if kind == "finished"} == {id(r) for r in results}
+    for result in results:
+        assert result.ttft_s is not None
+        assert result.e2e_s == pytest.approx(result.ttft_s + result.decode_s)

@@ -26,7 +26,6 @@ from app.api.generation import (
     GuardedStreamingResponse,
     in_thread,
     in_thread_shielded,
-    observe,
     record_usage,
     sse,
     submit,
@@ -428,8 +427,6 @@ async def _reply_events(
             )
         except Exception as error:  # the heartbeat sweep marks it interrupted; the text flushed so far stays
             log.warning("reply %s not saved: %s", message_id, error)
-        if result is not None:
-            observe(state, result, submitted_at)
         await in_thread_shielded(
             lambda: record_usage(
                 state,

@@ -19,7 +19,6 @@ from app.api.errors import OPENAI_RESPONSES
 from app.api.generation import (
     GuardedStreamingResponse,
     in_thread_shielded,
-    observe,
     record_usage,
     sse,
     submit,
@@ -165,14 +164,11 @@ async def chat_completions(
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     generation = _generation_request(body, state, completion_id)
     stream = submit(state, generation)
-    submitted_at = time.monotonic()
     created = int(time.time())
     usage = {"user_id": caller.user.id, "api_key_id": caller.api_key_id, "source": "openai"}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _chunks(
-            state, stream, completion_id, created, body.model, include_usage, submitted_at, usage
-        )
+        events = _chunks(state, stream, completion_id, created, body.model, include_usage, usage)
 
         async def close() -> None:
             stream.cancel()
@@ -197,7 +193,7 @@ async def chat_completions(
     finally:
         watcher.cancel()
         stream.cancel()
-        await _account(state, result, submitted_at, usage)
+        await _account(state, result, usage)
     if result is None or result.finish_reason == "error":
         message = (result.error if result else None) or "generation failed"
         raise HTTPException(503 if result is None else 500, message)
@@ -220,11 +216,7 @@ async def chat_completions(
     return JSONResponse(answer.model_dump())
 
 
-async def _account(
-    state: ZeusState, result: GenerationResult | None, submitted_at: float, usage: dict[str, Any]
-) -> None:
-    if result is not None:
-        observe(state, result, submitted_at)
+async def _account(state: ZeusState, result: GenerationResult | None, usage: dict[str, Any]) -> None:
     status = "complete" if result and result.finish_reason in ("stop", "length") else "stopped"
     if result is not None and result.finish_reason == "error":
         status = "error"
@@ -247,7 +239,6 @@ async def _chunks(
     created: int,
     model: str,
     include_usage: bool,
-    submitted_at: float,
     usage: dict[str, Any],
 ) -> AsyncIterator[str]:
     def chunk(delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
@@ -273,7 +264,7 @@ async def _chunks(
                 result = item
     finally:
         stream.cancel()
-        await _account(state, result, submitted_at, usage)
+        await _account(state, result, usage)
     if result is None or result.finish_reason == "error":
         message = (result.error if result else None) or "generation failed"
         yield sse(None, {"error": {"message": message, "type": "server_error", "param": None, "code": "500"}})

@@ -60,29 +60,46 @@ async def test_in_flight_counts_open_streams(zeus: Zeus, analyst: Member) -> Non
         assert (await client.get("/api/health")).json()["in_flight"] == 0
 
 
-async def test_metrics_use_vllm_names(zeus: Zeus, analyst: Member) -> None:
-    async with zeus.client(headers=analyst.bearer) as client:
-        await client.post(
-            "/api/v1/chat/completions",
-            json={
-                "model": zeus.engine.model_name,
-                "messages": [{"role": "user", "content": "hi"}],
-                "max_tokens": 8,
-                "ignore_eos": True,
-            },
-        )
-        await client.get("/api/conversations/0/messages")
-        text_body = (await client.get("/metrics")).text
+def metric_samples(text_body: str) -> dict[str, float]:
     samples = {}
     for line in text_body.splitlines():
         if line and not line.startswith("#"):
             name, _, value = line.rpartition(" ")
             samples[name] = float(value)
+    return samples
+
+
+async def test_metrics_use_vllm_names(zeus: Zeus, analyst: Member) -> None:
+    async with zeus.client(headers=analyst.bearer) as client:
+        before = metric_samples((await client.get("/metrics")).text)
+        for stream in (False, True):
+            response = await client.post(
+                "/api/v1/chat/completions",
+                json={
+                    "model": zeus.engine.model_name,
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 8,
+                    "ignore_eos": True,
+                    "stream": stream,
+                },
+            )
+            assert response.status_code == 200
+        await client.get("/api/conversations/0/messages")
+        text_body = (await client.get("/metrics")).text
+    samples = metric_samples(text_body)
+
+    def added(name: str) -> float:
+        return samples[name] - before.get(name, 0.0)
+
+    # Each generation counted exactly once, whichever way it was answered (the engine's hooks).
+    assert added("zeus:generation_tokens_total") == 16
+    assert added('zeus:request_success_total{finished_reason="length"}') == 2
+    assert added("zeus:time_to_first_token_seconds_count") == 2
+    assert added("zeus:time_per_output_token_seconds_count") == 2
+    assert added("zeus:e2e_request_latency_seconds_count") == 2
+    assert added("zeus:iteration_tokens_sum") == 16
+    assert added("zeus:iteration_duration_seconds_count") >= 8
     assert samples["zeus:num_requests_running"] == 0 and samples["zeus:num_requests_waiting"] == 0
-    assert samples["zeus:generation_tokens_total"] >= 8
-    assert samples["zeus:time_to_first_token_seconds_count"] >= 1
-    assert samples["zeus:time_per_output_token_seconds_count"] >= 1
-    assert samples['zeus:request_success_total{finished_reason="length"}'] >= 1
     assert (
         samples['zeus_http_requests_total{method="POST",route="/api/v1/chat/completions",status="200"}'] >= 1
     )
