@@ -39,14 +39,18 @@ async def test_every_response_names_the_instance(zeus: Zeus) -> None:
             assert response.headers["x-zeus-instance"] == zeus.state.instance_name
 
 
-async def test_in_flight_counts_open_streams(zeus: Zeus, analyst: Member) -> None:
-    body = {
+def completion_body(zeus: Zeus, max_tokens: int, stream: bool) -> dict[str, object]:
+    return {
         "model": zeus.engine.model_name,
         "messages": [{"role": "user", "content": "hi"}],
-        "max_tokens": 60,
+        "max_tokens": max_tokens,
         "ignore_eos": True,
-        "stream": True,
+        "stream": stream,
     }
+
+
+async def test_in_flight_counts_open_streams(zeus: Zeus, analyst: Member) -> None:
+    body = completion_body(zeus, max_tokens=60, stream=True)
     async with (
         zeus.client(headers=analyst.bearer) as client,
         client.stream("POST", "/api/v1/chat/completions", json=body) as response,
@@ -74,14 +78,7 @@ async def test_metrics_use_vllm_names(zeus: Zeus, analyst: Member) -> None:
         before = metric_samples((await client.get("/metrics")).text)
         for stream in (False, True):
             response = await client.post(
-                "/api/v1/chat/completions",
-                json={
-                    "model": zeus.engine.model_name,
-                    "messages": [{"role": "user", "content": "hi"}],
-                    "max_tokens": 8,
-                    "ignore_eos": True,
-                    "stream": stream,
-                },
+                "/api/v1/chat/completions", json=completion_body(zeus, max_tokens=8, stream=stream)
             )
             assert response.status_code == 200
         await client.get("/api/conversations/0/messages")
