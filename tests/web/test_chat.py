@@ -114,7 +114,9 @@ def test_too_many_failed_sign_ins_say_when_to_retry(new_session, web_server: Liv
 
 def test_reply_streams_in_and_survives_a_reload(chat: BrowserSession, web_server: LiveServer) -> None:
     page = chat.page
-    set_generation_options(page, ignore_eos=True, max_tokens=300)
+    # Long enough to span many 40 ms redraws even where the model writes fast: 300 tokens took
+    # under two redraws on a quiet CI machine, so the page had nothing to draw in between.
+    set_generation_options(page, **LONG_REPLY_OPTIONS)
     # Every text length the reply passes through on screen, as the browser renders it.
     page.evaluate(
         """() => {
@@ -136,7 +138,7 @@ def test_reply_streams_in_and_survives_a_reload(chat: BrowserSession, web_server
     lengths = page.evaluate("window.__replyLengths")
     assert len(lengths) >= 5, f"the reply appeared in {len(lengths)} steps, not token by token: {lengths}"
     assert lengths == sorted(lengths), f"the reply text shrank while streaming: {lengths}"
-    expect(last_reply(page).locator(".message__stats")).to_contain_text("300 tokens")
+    expect(last_reply(page).locator(".message__stats")).to_contain_text(f"{LONG_REPLY_TOKENS} tokens")
 
     conversation_id = current_conversation_id(page)
     stored = wait_for_server_status(web_server, web_server.analyst, conversation_id)
@@ -144,7 +146,7 @@ def test_reply_streams_in_and_survives_a_reload(chat: BrowserSession, web_server
         ("user", "complete"),
         ("assistant", "complete"),
     ]
-    assert stored[1]["completion_tokens"] == 300
+    assert stored[1]["completion_tokens"] == LONG_REPLY_TOKENS
     reply_id = last_reply(page).get_attribute("data-message-id")
     assert reply_id == str(stored[1]["id"])
 

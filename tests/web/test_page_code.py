@@ -7,7 +7,7 @@ test_chat.py checks the same through the whole stack.
 from __future__ import annotations
 
 import pytest
-from playwright.sync_api import Page
+from playwright.sync_api import Page, expect
 
 pytestmark = pytest.mark.browser
 
@@ -132,7 +132,8 @@ def test_copy_button_copies_the_code(module_page: Page) -> None:
 
     module_page.get_by_role("button", name="Copy bash code").click()
 
-    assert module_page.get_by_role("button", name="Copy bash code").inner_text() == "Copied"
+    # The label changes once the clipboard write resolves, a moment after the click returns.
+    expect(module_page.get_by_role("button", name="Copy bash code")).to_have_text("Copied")
     assert module_page.evaluate("navigator.clipboard.readText()") == 'echo "<b>hi</b>" | wc -c'
 
 
