@@ -1,6 +1,8 @@
 """Zeus's inference engine: continuous batching of a Hugging Face causal LM. Imports no FastAPI."""
 
-from app.inference.engine import EngineConfig, InferenceEngine, RequestStream
+from app.inference.contract import Engine, EngineCapabilities, EngineInfo
+from app.inference.engine import EngineConfig, InferenceEngine
+from app.inference.stream import RequestStream
 from app.inference.types import (
     EngineClosedError,
     EngineError,
@@ -14,10 +16,17 @@ from app.inference.types import (
     ModelLoadError,
     PromptTooLongError,
     SamplingParams,
+    StructuredOutput,
     TextDelta,
+    TokenLogprob,
 )
 
 __all__ = [
+    "Engine",
+    "EngineCapabilities",
+    "EngineInfo",
+    "StructuredOutput",
+    "TokenLogprob",
     "EngineClosedError",
     "EngineConfig",
     "EngineError",

@@ -50,10 +50,12 @@ from typing import Any
 
 import torch
 
+from app.inference.contract import EngineCapabilities, EngineInfo, ToolCallExtraction
 from app.inference.detokenizer import IncrementalDetokenizer, StopStringFilter
 from app.inference.loading import LoadedModel, load_model
 from app.inference.model_runner import ModelRunner, StagedKV, check_supported, to_device
 from app.inference.sampling import make_generator, sample_next_tokens
+from app.inference.stream import RequestStream
 from app.inference.types import (
     EngineClosedError,
     EngineFullError,
@@ -94,52 +96,6 @@ class EngineConfig:
     # (detokenizing, stop strings, streaming, scheduling) hides behind the device's. None: on CUDA,
     # where the device works on while the host does; on the CPU the same cores would do both.
     overlap_host_work: bool | None = None
-
-
-class RequestStream:
-    """What submit() returns: `async for item in stream` yields TextDelta items, then one GenerationResult."""
-
-    def __init__(self, request_id: str, prompt_tokens: int, wake_scheduler: Callable[[], None]) -> None:
-        self.request_id = request_id
-        self.prompt_tokens = prompt_tokens
-        self._items: asyncio.Queue[TextDelta | GenerationResult] = asyncio.Queue()
-        self._wake_scheduler = wake_scheduler
-        self.cancel_requested = False
-        self.finished = False
-        self._final: GenerationResult | None = None
-
-    def cancel(self) -> None:
-        """Stop generating; the stream still ends with a GenerationResult (finish_reason "cancelled")."""
-        if not self.finished and not self.cancel_requested:
-            self.cancel_requested = True
-            self._wake_scheduler()
-
-    async def aclose(self) -> None:
-        self.cancel()
-
-    def _deliver(self, item: TextDelta | GenerationResult) -> None:
-        self._items.put_nowait(item)
-
-    async def _iterate(self) -> AsyncIterator[TextDelta | GenerationResult]:
-        try:
-            while self._final is None:
-                item = await self._items.get()
-                if isinstance(item, GenerationResult):
-                    self._final = item
-                yield item
-        finally:
-            # Reached when the consumer leaves the loop early (break, exception, aclose): free the slot.
-            self.cancel()
-
-    def __aiter__(self) -> AsyncIterator[TextDelta | GenerationResult]:
-        return self._iterate()
-
-    async def result(self) -> GenerationResult:
-        """Consume what is left of the stream and return the final record (again on later calls)."""
-        async for _ in self:
-            pass
-        assert self._final is not None, "a stream always ends with a GenerationResult"
-        return self._final
 
 
 @dataclass(eq=False)
@@ -298,6 +254,26 @@ class InferenceEngine:
     @property
     def context_length(self) -> int:
         return self._loaded.context_length
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            kind="builtin",
+            model_name=self.model_name,
+            device=self.device,
+            dtype=self.dtype,
+            quantization=None,
+            tensor_parallel_size=1,
+            max_model_len=self.context_length,
+            max_input_tokens=self.config.max_input_tokens,
+            max_new_tokens=self.config.max_new_tokens,
+            capabilities=EngineCapabilities(structured_output=False, tools=False),
+        )
+
+    def extract_tool_calls(self, text: str, request: GenerationRequest) -> ToolCallExtraction:
+        raise InvalidRequestError(
+            "tools are not supported by the built-in engine: run this model with ZEUS_ENGINE=vllm",
+            param="tools",
+        )
 
     @property
     def uses_openblas(self) -> bool:

@@ -7,16 +7,37 @@ the benchmark, the tests). It imports neither torch nor FastAPI.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 
 @dataclass(frozen=True)
-class SamplingParams:
-    """Per-request generation settings, with OpenAI's meanings.
+class StructuredOutput:
+    """Constrained decoding (OpenAI's `response_format`): the output must parse as JSON.
 
-    temperature 0 means greedy decoding. top_k 0 and top_p 1.0 disable those filters.
+    json_schema None with json_object True: any JSON object; json_schema set: JSON text of a
+    JSON Schema the output must validate against. Engines that cannot honour it say so in
+    `EngineCapabilities.structured_output`, and the API refuses the request with a 400.
+    """
+
+    json_object: bool = False
+    json_schema: str | None = None
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation settings, with OpenAI's and vLLM's meanings (vLLM's SamplingParams).
+
+    temperature 0 means greedy decoding. top_k 0, top_p 1.0 and min_p 0.0 disable those filters.
+    presence_penalty / frequency_penalty (OpenAI, [-2, 2]) subtract from the logits of tokens
+    already generated, once / per occurrence; repetition_penalty (vLLM, > 0, 1.0 off) divides
+    positive and multiplies negative logits of tokens in the prompt or the output.
+    logit_bias: (token id, bias in [-100, 100]) pairs added to the logits before sampling.
+    seed: any integer of the 64-bit range (signed or unsigned), None for unseeded.
+    logprobs: None for none; k >= 0 returns the chosen token's log-probability plus the k most
+    likely ones (OpenAI's `top_logprobs`), computed from the model's distribution before
+    temperature and filters (as vLLM's default "raw" logprobs).
     ignore_eos (vLLM's extension) keeps generating past end-of-sequence so that exactly
     max_tokens tokens come out: benchmarks use it for comparable runs.
     """
@@ -25,19 +46,42 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
+    structured: StructuredOutput | None = None
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """Either chat messages (rendered with the tokenizer's chat template) or a raw prompt."""
+    """Either chat messages (rendered with the tokenizer's chat template) or a raw prompt.
+
+    messages: OpenAI chat messages as dicts (role, content as a string; assistant messages may
+    carry `tool_calls`, tool messages `tool_call_id`). tools: OpenAI tool definitions, passed to
+    the chat template; only engines whose capabilities include tools accept them.
+    """
 
     params: SamplingParams = field(default_factory=SamplingParams)
-    messages: tuple[dict[str, str], ...] | None = None
+    messages: tuple[dict[str, Any], ...] | None = None
     prompt: str | None = None
     request_id: str = ""
+    tools: tuple[dict[str, Any], ...] | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability (natural log) and the most likely alternatives."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -46,6 +90,8 @@ class TextDelta:
 
     text: str
     token_count: int
+    # One entry per token of this delta when the request asked for logprobs.
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -63,6 +109,8 @@ class GenerationResult:
     error: str | None = None
     # The generated token ids (end-of-sequence included when the model wrote it): tests compare them.
     token_ids: tuple[int, ...] = ()
+    # Every generated token's logprobs when the request asked for them.
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -78,6 +126,10 @@ class EngineStats:
     accepting: bool
     # Forward passes of the running batch since start: a clock measured in decode steps.
     decode_steps_total: int = 0
+    # Fraction of the KV cache in use (0..1) and the prefix cache's hit rate (0..1), where the
+    # engine has them (vLLM); None otherwise.
+    kv_cache_usage: float | None = None
+    prefix_cache_hit_rate: float | None = None
 
 
 class EngineObserver:
@@ -122,7 +174,14 @@ class PromptTooLongError(EngineError):
 
 
 class InvalidRequestError(EngineError):
-    """Parameters the engine cannot honour (for instance max_tokens beyond the limit): 400/422."""
+    """Parameters the engine cannot honour (for instance max_tokens beyond the limit): 400.
+
+    param: the request field at fault (OpenAI's `param`, e.g. "max_tokens"), when known.
+    """
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class EngineClosedError(EngineError):

@@ -1,0 +1,105 @@
+"""The engine contract: what the API layer may use of an engine, whichever implementation runs.
+
+Two implementations: `builtin` (app/inference/engine.py: Zeus's own continuous batching on
+torch + transformers) and `vllm` (app/inference/vllm_engine.py: vLLM's AsyncLLM in-process).
+`app.inference.factory.create_engine` picks one from `ZEUS_ENGINE`; the API imports neither.
+
+Errors (types.py): submit() raises EngineFullError (429), PromptTooLongError (400,
+context_length_exceeded), InvalidRequestError (400, with the field in `param`) or
+EngineClosedError (503) before any work is queued; a failure during generation ends that
+request's stream with a GenerationResult whose finish_reason is "error".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from app.inference.stream import RequestStream
+from app.inference.types import EngineObserver, EngineStats, GenerationRequest
+
+
+@dataclass(frozen=True)
+class EngineCapabilities:
+    """What an engine can honour beyond plain sampling; the API refuses the rest with a 400."""
+
+    # response_format json_object / json_schema (constrained decoding).
+    structured_output: bool = False
+    # tools / tool_choice, with tool calls parsed from the model's output.
+    tools: bool = False
+    # The most top_logprobs alternatives per token (OpenAI allows 0..20).
+    max_top_logprobs: int = 20
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """Describes the running engine for /api/health, the heartbeat and the admin page."""
+
+    kind: str  # "builtin" or "vllm"
+    model_name: str
+    device: str
+    dtype: str
+    quantization: str | None
+    tensor_parallel_size: int
+    max_model_len: int
+    max_input_tokens: int
+    max_new_tokens: int
+    capabilities: EngineCapabilities
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One function call the model asked for (OpenAI's `tool_calls[i]`); arguments as JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class ToolCallExtraction:
+    """A finished reply split into its plain content and the tool calls parsed out of it."""
+
+    content: str | None
+    tool_calls: tuple[ToolCall, ...]
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """The surface every engine implements (see the module docstring for the errors)."""
+
+    # Metrics hooks, set before start(); called from the engine's own thread or task.
+    observer: EngineObserver | None
+
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def device(self) -> str: ...
+
+    @property
+    def context_length(self) -> int: ...
+
+    def info(self) -> EngineInfo: ...
+
+    async def start(self) -> None: ...
+
+    async def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Stop accepting; let accepted work finish for up to timeout_s, cancel what remains."""
+        ...
+
+    def stats(self) -> EngineStats: ...
+
+    def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        """Tokens the model would see for this request (chat template applied); raises
+        InvalidRequestError for a request that cannot be rendered."""
+        ...
+
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        """Queue a request; raises at once when it cannot be served."""
+        ...
+
+    def extract_tool_calls(self, text: str, request: GenerationRequest) -> ToolCallExtraction:
+        """Parse a finished reply's tool calls with the parser for the model's family. Only called
+        when `info().capabilities.tools`; other engines raise InvalidRequestError(param="tools")."""
+        ...
