@@ -17,7 +17,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: help setup model lock lint test test-python test-molecule test-services system-deps \
-        lab lab-down wheelhouse bench
+        lab lab-down wheelhouse bench vendor
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -75,6 +75,10 @@ wheelhouse: setup ## wheels of the runtime dependencies and of Zeus itself, for 
 	rm -f build/wheelhouse/zeus-*.whl
 	$(VENV)/bin/pip download --quiet --disable-pip-version-check -r requirements/runtime.lock -d build/wheelhouse
 	$(VENV)/bin/pip wheel --quiet --no-deps --no-build-isolation -w build/wheelhouse .
+
+vendor: ## front-end libraries: npm ci (checks package-lock.json's integrity hashes), copy into app/static/vendor
+	npm ci --ignore-scripts --no-audit --no-fund
+	$(PY) tools/vendor_static.py
 
 lab: system-deps setup wheelhouse ## local lab hosts (podman + systemd) running Zeus at http://localhost:8081
 	bash molecule/resources/lab.sh up

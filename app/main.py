@@ -180,6 +180,7 @@ def build_app(settings: Settings, engine) -> FastAPI:  # engine: app.inference.I
         health.router,
         auth.router,
         conversations.router,
+        conversations.admin_router,
         keys.router,
         admin.router,
         openai.router,

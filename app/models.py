@@ -16,10 +16,16 @@ from sqlalchemy import (
     String,
     Text,
     func,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 ROLES = ("admin", "analyst")
+# The text search configuration of conversation search: the query must use the same expression as
+# the GIN indexes below, or PostgreSQL cannot use them.
+SEARCH_CONFIG = "english"
+MESSAGE_SEARCH_VECTOR = f"to_tsvector('{SEARCH_CONFIG}'::regconfig, content)"
+TITLE_SEARCH_VECTOR = f"to_tsvector('{SEARCH_CONFIG}'::regconfig, title)"
 MESSAGE_STATUSES = ("streaming", "complete", "stopped", "error", "interrupted")
 
 
@@ -76,13 +82,24 @@ class ApiKey(Base):
 
 class Conversation(Base):
     __tablename__ = "conversations"
-    __table_args__ = (Index("conversations_user_updated", "user_id", "updated_at"),)
+    __table_args__ = (
+        Index("conversations_user_updated", "user_id", "updated_at"),
+        Index("conversations_title_search", text(TITLE_SEARCH_VECTOR), postgresql_using="gin"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     title: Mapped[str] = mapped_column(String(200), default="", server_default="")
     created_at: Mapped[datetime] = _now_column()
     updated_at: Mapped[datetime] = _now_column()
+    # Sent first on every turn; a new conversation starts with the admin-set default.
+    system_prompt: Mapped[str] = mapped_column(Text, default="", server_default="")
+    # None: the chat defaults (temperature 0.7, max_tokens ZEUS_MAX_NEW_TOKENS).
+    temperature: Mapped[float | None] = mapped_column(Float)
+    max_tokens: Mapped[int | None] = mapped_column(Integer)
+    # The oldest message the model saw on the latest turn (older ones no longer fit its budget);
+    # None while the whole conversation fits. No foreign key: the page only draws a marker there.
+    context_start_message_id: Mapped[int | None] = mapped_column(Integer)
 
 
 class Message(Base):
@@ -95,6 +112,7 @@ class Message(Base):
         ),
         Index("messages_conversation_id", "conversation_id", "id"),
         Index("messages_streaming", "status", postgresql_where="status = 'streaming'"),
+        Index("messages_content_search", text(MESSAGE_SEARCH_VECTOR), postgresql_using="gin"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -112,6 +130,16 @@ class Message(Base):
     stream_run_id: Mapped[str | None] = mapped_column(String(36))
     # Set by POST .../stop on any instance; the streaming instance polls it.
     stop_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+
+
+class SiteSetting(Base):
+    """Settings admins change at run time (e.g. `default_system_prompt`), shared by every instance."""
+
+    __tablename__ = "site_settings"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text, default="", server_default="")
+    updated_at: Mapped[datetime] = _now_column()
 
 
 class Usage(Base):

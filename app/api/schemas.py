@@ -71,12 +71,37 @@ class PasswordOut(BaseModel):
     password: str
 
 
-class ConversationCreate(Strict):
+SYSTEM_PROMPT_MAX_CHARS = 20_000
+
+
+class ConversationSettings(Strict):
+    """The per-conversation settings, used on every turn. temperature and max_tokens null: the chat
+    defaults (0.7, ZEUS_MAX_NEW_TOKENS); options sent with one message override them for it."""
+
+    system_prompt: Text | None = Field(default=None, max_length=SYSTEM_PROMPT_MAX_CHARS)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: int | None = Field(default=None, ge=1)
+
+
+class ConversationCreate(ConversationSettings):
+    """system_prompt omitted: the admin-set default (GET /api/conversations/defaults)."""
+
     title: Text | None = Field(default=None, max_length=200)
 
 
-class ConversationRename(Strict):
-    title: Text = Field(max_length=200)
+class ConversationUpdate(ConversationSettings):
+    """PATCH: only the fields sent change; null resets temperature or max_tokens to the default."""
+
+    title: Text | None = Field(default=None, min_length=1, max_length=200)
+
+
+class SearchMatch(BaseModel):
+    """A message that matches a search. snippet: plain text around the match, the matched words
+    between U+0002 and U+0003 (the page shows them highlighted)."""
+
+    message_id: int
+    role: str
+    snippet: str
 
 
 class ConversationOut(BaseModel):
@@ -85,6 +110,14 @@ class ConversationOut(BaseModel):
     title: str
     created_at: datetime
     updated_at: datetime
+    system_prompt: str = ""
+    temperature: float | None = None
+    max_tokens: int | None = None
+    context_start_message_id: int | None = Field(
+        default=None,
+        description="the oldest message the model saw on the latest turn; null while all of it fits",
+    )
+    matches: list[SearchMatch] = Field(default_factory=list, description="only with ?q=: matching messages")
 
 
 class MessageOut(BaseModel):
@@ -115,7 +148,20 @@ class MessageCreate(Strict):
 
 
 class RegenerateBody(Strict):
+    """message_id: the reply to write again (it and every later message are replaced); omitted,
+    the last reply."""
+
+    message_id: int | None = None
     options: GenerationOptions | None = None
+
+
+class ChatDefaults(Strict):
+    default_system_prompt: Text = Field(default="", max_length=SYSTEM_PROMPT_MAX_CHARS)
+
+
+class PasswordChange(Strict):
+    current_password: Text = Field(min_length=1, max_length=1024)
+    new_password: Text = Field(min_length=8, max_length=1024)
 
 
 class StopOut(BaseModel):

@@ -50,6 +50,16 @@ def on_conversation(
     return build
 
 
+def on_first_message(method: str, body: dict) -> Request:
+    async def build(world: World) -> tuple[str, str, dict | None]:
+        conversation = await world.conversation(with_message=True)
+        async with world.zeus.client(headers=world.owner.bearer) as client:
+            first = (await client.get(f"/api/conversations/{conversation}/messages")).json()[0]["id"]
+        return method, f"/api/conversations/{conversation}/messages/{first}", body
+
+    return build
+
+
 def on_key(method: str, prefix: str) -> Request:
     async def build(world: World) -> tuple[str, str, dict | None]:
         return method, f"{prefix}/{await world.key()}", None
@@ -73,6 +83,24 @@ MATRIX: dict[tuple[str, str], tuple[Request, tuple[int, int, int, int]]] = {
     ("POST", "/api/auth/logout"): (fixed("POST", "/api/auth/logout"), (204, 204, 204, 204)),
     ("GET", "/api/auth/me"): (fixed("GET", "/api/auth/me"), ANY_USER),
     ("GET", "/api/conversations"): (fixed("GET", "/api/conversations"), ANY_USER),
+    ("DELETE", "/api/conversations"): (fixed("DELETE", "/api/conversations"), (401, 204, 204, 204)),
+    ("GET", "/api/conversations/defaults"): (fixed("GET", "/api/conversations/defaults"), ANY_USER),
+    ("PUT", "/api/admin/chat-defaults"): (
+        fixed("PUT", "/api/admin/chat-defaults", {"default_system_prompt": ""}),
+        ADMIN_ONLY,
+    ),
+    ("GET", "/api/conversations/{conversation_id}/export"): (
+        on_conversation("GET", "/export?format=json"),
+        OWNED,
+    ),
+    ("PUT", "/api/conversations/{conversation_id}/messages/{message_id}"): (
+        on_first_message("PUT", {"content": "edited", "options": {"max_tokens": 4}}),
+        OWNED,
+    ),
+    ("POST", "/api/auth/password"): (
+        fixed("POST", "/api/auth/password", {"current_password": "wrong one", "new_password": "long enough"}),
+        (401, 400, 400, 400),
+    ),
     ("POST", "/api/conversations"): (fixed("POST", "/api/conversations", {}), (401, 201, 201, 201)),
     ("PATCH", "/api/conversations/{conversation_id}"): (on_conversation("PATCH", "", {"title": "t"}), OWNED),
     ("DELETE", "/api/conversations/{conversation_id}"): (on_conversation("DELETE"), (401, 204, 404, 404)),
