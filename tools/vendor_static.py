@@ -68,17 +68,19 @@ HIGHLIGHT_LANGUAGES = (
     "yaml",
 )
 
-# (package, file inside the package, destination under app/static/vendor)
+# (package, file inside the package, destination under app/static/vendor). ES modules are renamed
+# .mjs -> .js: browsers load a module only with a JavaScript MIME type, and not every nginx or
+# Python version maps .mjs to one.
 FILES: list[tuple[str, str, str]] = [
-    ("markdown-it", "dist/browser/markdown-it.esm.min.mjs", "markdown-it/markdown-it.esm.min.mjs"),
+    ("markdown-it", "dist/browser/markdown-it.esm.min.mjs", "markdown-it/markdown-it.esm.min.js"),
     ("markdown-it", "LICENSE", "markdown-it/LICENSE"),
-    ("markdown-it-footnote", "index.mjs", "markdown-it-footnote/index.mjs"),
+    ("markdown-it-footnote", "index.mjs", "markdown-it-footnote/markdown-it-footnote.esm.js"),
     ("markdown-it-footnote", "LICENSE", "markdown-it-footnote/LICENSE"),
     ("markdown-it-texmath", "texmath.js", "markdown-it-texmath/texmath.js"),
     ("markdown-it-texmath", "license.txt", "markdown-it-texmath/license.txt"),
-    ("dompurify", "dist/purify.es.mjs", "dompurify/purify.es.mjs"),
+    ("dompurify", "dist/purify.es.mjs", "dompurify/purify.es.js"),
     ("dompurify", "LICENSE", "dompurify/LICENSE"),
-    ("katex", "dist/katex.mjs", "katex/katex.mjs"),
+    ("katex", "dist/katex.mjs", "katex/katex.esm.js"),
     ("katex", "dist/katex.min.css", "katex/katex.min.css"),
     ("katex", "LICENSE", "katex/LICENSE"),
     ("@highlightjs/cdn-assets", "es/core.min.js", "highlight/core.min.js"),
