@@ -66,6 +66,9 @@ log = logging.getLogger("zeus.chat")
 router = APIRouter(prefix="/api/conversations", tags=["conversations"], responses=COMMON_RESPONSES)
 admin_router = APIRouter(prefix="/api/admin", tags=["admin"], responses=COMMON_RESPONSES)
 NOT_FOUND = {404: {"model": ErrorBody, "description": "no such conversation of yours"}}
+REFUSED_SETTING = {
+    400: {"model": ErrorBody, "description": "max_tokens over ZEUS_MAX_NEW_TOKENS, or an empty title"}
+}
 STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "content": {"text/event-stream": {"schema": {"type": "string"}}},
@@ -188,7 +191,7 @@ def _search(db: Session, user_id: int, q: str) -> list[ConversationOut]:
     return results
 
 
-@router.post("", response_model=ConversationOut, status_code=201)
+@router.post("", response_model=ConversationOut, status_code=201, responses=REFUSED_SETTING)
 def create_conversation(
     body: ConversationCreate, caller: CallerDep, db: SessionDep, state: StateDep
 ) -> Conversation:
@@ -231,7 +234,9 @@ def _check_max_tokens(state: ZeusState, max_tokens: int | None) -> None:
         )
 
 
-@router.patch("/{conversation_id}", response_model=ConversationOut, responses=NOT_FOUND)
+@router.patch(
+    "/{conversation_id}", response_model=ConversationOut, responses={**NOT_FOUND, **REFUSED_SETTING}
+)
 def update_conversation(
     conversation_id: int, body: ConversationUpdate, caller: CallerDep, db: SessionDep, state: StateDep
 ) -> Conversation:
