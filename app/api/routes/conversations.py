@@ -429,9 +429,10 @@ def _fit_history(
     if size > budget:
         raise HTTPException(
             400,
-            f"message too long: it takes {size} tokens with the system prompt, the limit is {budget} tokens "
-            f"(ZEUS_MAX_INPUT_TOKENS {state.settings.max_input_tokens}, the model's context "
-            f"{engine.context_length} less max_tokens {params.max_tokens}): shorten it or split it",
+            f"prompt too long: {size} tokens for this message alone (with the system prompt), "
+            f"the limit is {budget} tokens (ZEUS_MAX_INPUT_TOKENS {state.settings.max_input_tokens}, "
+            f"the model's context {engine.context_length} less max_tokens {params.max_tokens}): "
+            "shorten it or split it",
         )
     # Fewer turns, fewer tokens: the earliest start that fits, by bisection.
     low, high = 0, len(starts) - 1

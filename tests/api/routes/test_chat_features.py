@@ -116,9 +116,9 @@ async def test_a_message_too_long_on_its_own_is_refused_before_it_is_stored(
         )
         assert response.status_code == 400
         detail = response.json()["detail"]
-        assert detail.startswith("message too long: it takes ")
+        assert detail.startswith("prompt too long: ") and "for this message alone" in detail
         assert f"the limit is {MAX_INPUT_TOKENS} tokens" in detail
-        assert int(detail.split("takes ")[1].split(" tokens")[0]) > MAX_INPUT_TOKENS
+        assert int(detail.split(": ")[1].split(" tokens")[0]) > MAX_INPUT_TOKENS
         assert await messages(client, conversation) == []
 
 
