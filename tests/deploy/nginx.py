@@ -29,6 +29,7 @@ from typing import Any
 
 import httpx
 
+from tests.deploy.templating import render_role_template
 from tests.support.live_server import REPO_ROOT, free_port
 
 RENDER_PLAYBOOK = REPO_ROOT / "tests" / "deploy" / "render-nginx.yml"
@@ -46,39 +47,14 @@ TEMPLATES = ("zeus.conf", "zeus-upstream.conf")
 
 
 def render_role(out_dir: Path, settings: dict[str, Any], hostvars: dict[str, Any] | None = None) -> None:
-    """zeus.conf and zeus-upstream.conf of roles/nginx into out_dir, rendered as the template
-    module renders them (the same templating engine, options and `ansible_managed`), in this
-    process: from the role's defaults and vars, with `settings` as extra vars. A playbook run costs
-    20 s on a busy CI machine; test_the_fast_rendering_is_the_template_modules checks that both
-    give the same bytes."""
-    from ansible._internal._templating import _template_vars
-    from ansible.parsing.dataloader import DataLoader
-    from ansible.template import Templar, trust_as_template
-
+    """zeus.conf and zeus-upstream.conf of roles/nginx into out_dir (tests/deploy/templating.py),
+    with `settings` as extra vars. A playbook run costs 20 s on a busy CI machine;
+    test_the_fast_rendering_is_the_template_modules checks that both give the same bytes."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    loader = DataLoader()
-    variables: dict[str, Any] = {"inventory_hostname": "localhost", "hostvars": hostvars or {}}
-    for source in ("defaults/main.yml", "vars/main.yml"):
-        variables.update(loader.load_from_file(str(ROLE_DIR / source), trusted_as_template=True))
-    variables.update(settings)
+    variables = {"inventory_hostname": "localhost", "hostvars": hostvars or {}, **settings}
     for name in TEMPLATES:
-        source = ROLE_DIR / "templates" / "etc" / "nginx" / "conf.d" / f"{name}.j2"
-        dest = out_dir / name
-        template_vars = {
-            **variables,
-            **_template_vars.generate_ansible_template_vars(
-                path=str(source), fullpath=str(source), dest_path=str(dest), include_ansible_managed=True
-            ),
-        }
-        templar = Templar(loader=loader).copy_with_new_env(
-            searchpath=[str(source.parent)], available_variables=template_vars
-        )
-        text = templar.template(
-            trust_as_template(loader.get_text_file_contents(str(source))),
-            escape_backslashes=False,
-            overrides={"trim_blocks": True, "lstrip_blocks": False, "newline_sequence": "\n"},
-        )
-        dest.write_text(text)
+        text = render_role_template(ROLE_DIR, f"etc/nginx/conf.d/{name}.j2", variables, out_dir / name)
+        (out_dir / name).write_text(text)
 
 
 def render_role_with_ansible_playbook(out_dir: Path, settings: dict[str, Any]) -> None:

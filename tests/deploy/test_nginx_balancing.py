@@ -174,6 +174,18 @@ def test_affinity_keeps_each_conversation_on_one_instance_and_spreads_them(
     assert set(routes.values()) == {"a", "b", "c"}, routes
 
 
+def test_affinity_spreads_requests_without_a_key_over_every_instance(
+    upstreams: list[Upstream], nginx_factory
+) -> None:
+    """Health probes, logins, lists: no conversation, no key, so round-robin over the instances."""
+    servers = spawn(upstreams, ("a", "ok"), ("b", "ok"), ("c", "ok"))
+    nginx = nginx_factory(servers)
+    with httpx.Client(base_url=nginx.base_url, timeout=30) as client:
+        seen = [served_by(client.get("/api/health")) for _ in range(9)]
+        seen += [served_by(client.get("/api/conversations")) for _ in range(9)]
+    assert set(seen[:9]) == set(seen[9:]) == {"a", "b", "c"}, seen
+
+
 def test_affinity_of_the_openai_api_follows_the_user_field_else_the_api_key(
     upstreams: list[Upstream], nginx_factory
 ) -> None:
