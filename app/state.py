@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.access.admission import AccessControl
 from app.config import Settings
 from app.inference.types import EngineStats
 from app.telemetry.metrics import Metrics
@@ -35,9 +36,12 @@ class ZeusState:
     # stop request reaches this instance (other instances go through the database flag).
     local_stops: dict[int, asyncio.Event] = field(default_factory=dict)
     metrics: Metrics = field(init=False)
+    # Fair share and quotas: the fair gate and the concurrency leases this run holds (app/access).
+    access: AccessControl = field(init=False)
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.engine_stats, lambda: self.in_flight)
+        self.access = AccessControl(self.settings)
 
     @property
     def instance_name(self) -> str:

@@ -50,6 +50,10 @@ class AdminUserOut(UserOut):
     disabled: bool
     created_at: datetime
     last_login_at: datetime | None
+    # Admins' overrides (app/access); None: the ZEUS_* default applies.
+    max_concurrent: int | None = None
+    daily_token_budget: int | None = None
+    monthly_token_budget: int | None = None
 
 
 class UserCreate(Strict):
@@ -124,6 +128,9 @@ class StopOut(BaseModel):
 
 class KeyCreate(Strict):
     name: Text = Field(min_length=1, max_length=100)
+    expires_at: datetime | None = Field(
+        default=None, description="after this instant the key stops working (ISO 8601 with a time zone)"
+    )
 
 
 class KeyOut(BaseModel):
@@ -134,6 +141,10 @@ class KeyOut(BaseModel):
     created_at: datetime
     revoked_at: datetime | None
     last_used_at: datetime | None
+    expires_at: datetime | None = None
+    max_concurrent: int | None = None
+    daily_token_budget: int | None = None
+    monthly_token_budget: int | None = None
 
 
 class KeyCreated(BaseModel):
@@ -231,3 +242,41 @@ class HealthOut(BaseModel):
     db: str
     queue: QueueOut
     in_flight: int
+
+
+# ----- fair share and quotas (app/access) -----
+
+MAX_CONCURRENT_OVERRIDE = 10_000
+MAX_TOKEN_BUDGET = 2**53 - 1
+
+
+class LimitsUpdate(Strict):
+    """PATCH: only the fields sent change; null removes an override (the ZEUS_* default applies)."""
+
+    max_concurrent: int | None = Field(default=None, ge=1, le=MAX_CONCURRENT_OVERRIDE)
+    daily_token_budget: int | None = Field(default=None, ge=0, le=MAX_TOKEN_BUDGET)
+    monthly_token_budget: int | None = Field(default=None, ge=0, le=MAX_TOKEN_BUDGET)
+
+
+class KeyLimitsUpdate(LimitsUpdate):
+    """PATCH of one API key: its own limits (on top of its owner's) and its expiry (null: never)."""
+
+    expires_at: datetime | None = None
+
+
+class BudgetOut(BaseModel):
+    scope: Literal["user", "key"] = Field(description="user: all of the user's requests; key: this key's")
+    period: Literal["day", "month"] = Field(description="the UTC day or UTC month")
+    used: int = Field(description="prompt + completion tokens used in this period")
+    budget: int | None = Field(description="tokens allowed in this period; null: unlimited")
+    resets_at: datetime = Field(description="when the period ends and the count starts again")
+
+
+class ConcurrencyOut(BaseModel):
+    active: int = Field(description="generations running or waiting, across all instances")
+    limit: int
+
+
+class UsageOut(BaseModel):
+    concurrency: ConcurrencyOut
+    budgets: list[BudgetOut]
