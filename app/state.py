@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -40,15 +41,21 @@ class ZeusState:
     access: AccessControl = field(init=False)
 
     def __post_init__(self) -> None:
-        self.metrics = Metrics(self.engine_stats, lambda: self.in_flight)
         self.access = AccessControl(self.settings)
+        self.metrics = Metrics(self.engine_stats, lambda: self.in_flight)
 
     @property
     def instance_name(self) -> str:
         return self.settings.resolved_instance_name
 
     def engine_stats(self) -> EngineStats | None:
+        """The engine's numbers; `queued` also counts the requests the fair gate holds (app/access),
+        so health, heartbeat and metrics show every request waiting for a batch slot."""
         try:
-            return self.engine.stats()
+            stats = self.engine.stats()
         except Exception:
             return None
+        gate = self.access.gate
+        if gate is not None and gate.waiting:
+            stats = dataclasses.replace(stats, queued=stats.queued + gate.waiting)
+        return stats

@@ -12,7 +12,6 @@ longest ago (round robin). Everything runs on the event loop's thread: no locks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 from collections import defaultdict, deque
 
@@ -31,10 +30,12 @@ class FairGate:
         self._waiting: dict[int, deque[asyncio.Future[None]]] = {}
         self._last_served: dict[int, int] = {}
         self._clock = itertools.count()
+        self._waiting_count = 0
 
     @property
     def waiting(self) -> int:
-        return sum(len(line) for line in self._waiting.values())
+        # A plain counter: health, heartbeat and metrics read it from other threads.
+        return self._waiting_count
 
     def waiting_users(self) -> dict[int, int]:
         return {user: len(line) for user, line in self._waiting.items()}
@@ -54,6 +55,7 @@ class FairGate:
             )
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(user_id, deque()).append(turn)
+        self._waiting_count += 1
         self._dispatch()
         try:
             await turn
@@ -80,8 +82,11 @@ class FairGate:
     def _forget(self, user_id: int, turn: asyncio.Future[None]) -> None:
         line = self._waiting.get(user_id)
         if line is not None:
-            with contextlib.suppress(ValueError):  # already taken off by _dispatch
+            try:
                 line.remove(turn)
+                self._waiting_count -= 1
+            except ValueError:
+                pass  # already taken off by _dispatch
             if not line:
                 del self._waiting[user_id]
 
@@ -93,6 +98,7 @@ class FairGate:
             )
             line = self._waiting[user_id]
             turn = line.popleft()
+            self._waiting_count -= 1
             if not line:
                 del self._waiting[user_id]
             if turn.done():  # its request was cancelled while waiting

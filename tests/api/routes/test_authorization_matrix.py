@@ -50,9 +50,9 @@ def on_conversation(
     return build
 
 
-def on_key(method: str, prefix: str) -> Request:
+def on_key(method: str, prefix: str, body: dict | None = None) -> Request:
     async def build(world: World) -> tuple[str, str, dict | None]:
-        return method, f"{prefix}/{await world.key()}", None
+        return method, f"{prefix}/{await world.key()}", body
 
     return build
 
@@ -72,6 +72,16 @@ MATRIX: dict[tuple[str, str], tuple[Request, tuple[int, int, int, int]]] = {
     ),
     ("POST", "/api/auth/logout"): (fixed("POST", "/api/auth/logout"), (204, 204, 204, 204)),
     ("GET", "/api/auth/me"): (fixed("GET", "/api/auth/me"), ANY_USER),
+    ("GET", "/api/auth/me/usage"): (fixed("GET", "/api/auth/me/usage"), ANY_USER),
+    ("PATCH", "/api/admin/users/{user_id}/limits"): (
+        fixed("PATCH", "/api/admin/users/{user}/limits", {"daily_token_budget": None}),
+        ADMIN_ONLY,
+    ),
+    ("GET", "/api/admin/users/{user_id}/usage"): (fixed("GET", "/api/admin/users/{user}/usage"), ADMIN_ONLY),
+    ("PATCH", "/api/admin/api-keys/{key_id}"): (
+        on_key("PATCH", "/api/admin/api-keys", {"max_concurrent": None}),
+        ADMIN_ONLY,
+    ),
     ("GET", "/api/conversations"): (fixed("GET", "/api/conversations"), ANY_USER),
     ("POST", "/api/conversations"): (fixed("POST", "/api/conversations", {}), (401, 201, 201, 201)),
     ("PATCH", "/api/conversations/{conversation_id}"): (on_conversation("PATCH", "", {"title": "t"}), OWNED),
