@@ -97,8 +97,9 @@ class Settings(BaseSettings):
     login_max_failures_per_address: PositiveInt = 50
 
     # Fair share and quotas (app/access). Concurrent generations of one user across all instances,
-    # waiting ones included; admins override it per user and per API key.
-    max_concurrent_per_user: PositiveInt = 4
+    # waiting ones included; admins override it per user and per API key. Below the fleet's
+    # batch (instances x ZEUS_MAX_BATCH_SIZE), one user cannot take every slot.
+    max_concurrent_per_user: PositiveInt = 8
     # Token budgets (prompt + completion) per user, per UTC day and per UTC month; None: unlimited.
     # Admins set them per user and per API key, which takes precedence over these defaults.
     daily_token_budget: PositiveInt | None = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -126,9 +126,25 @@ class StopOut(BaseModel):
     stopped: bool
 
 
+def _utc_instant(value: datetime | None) -> datetime | None:
+    """An instant with its zone, stored as UTC: PostgreSQL refuses offsets beyond +-15:59, and a
+    time without a zone would be read in the database session's zone."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        raise ValueError("needs a time zone, e.g. 2027-01-31T00:00:00Z")
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("is out of range: use a date between years 1 and 9999 in UTC") from None
+
+
+Instant = Annotated[datetime, AfterValidator(_utc_instant)]
+
+
 class KeyCreate(Strict):
     name: Text = Field(min_length=1, max_length=100)
-    expires_at: datetime | None = Field(
+    expires_at: Instant | None = Field(
         default=None, description="after this instant the key stops working (ISO 8601 with a time zone)"
     )
 
@@ -261,7 +277,7 @@ class LimitsUpdate(Strict):
 class KeyLimitsUpdate(LimitsUpdate):
     """PATCH of one API key: its own limits (on top of its owner's) and its expiry (null: never)."""
 
-    expires_at: datetime | None = None
+    expires_at: Instant | None = None
 
 
 class BudgetOut(BaseModel):

@@ -164,9 +164,6 @@ def revoke_key(key_id: int, caller: AdminDep, db: SessionDep, request: Request) 
 
 def _apply_limits(target: User | ApiKey, body: LimitsUpdate) -> str:
     """Sets the fields the body names (null clears one); returns `name=value` text for the audit log."""
-    expires_at = getattr(body, "expires_at", None)
-    if expires_at is not None and expires_at.tzinfo is None:
-        raise HTTPException(400, "expires_at needs a time zone, e.g. 2027-01-31T00:00:00Z")
     changes = []
     for name in sorted(body.model_fields_set):
         value = getattr(body, name)
