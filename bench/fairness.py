@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import time
 from collections import Counter
 from typing import Any
@@ -98,7 +99,7 @@ async def _stream(
 
 
 async def _b_phase(
-    client: Any, arguments: argparse.Namespace, model: str, prompts: list[str]
+    client: Any, arguments: argparse.Namespace, model: str, prompts: list[str], label: str = ""
 ) -> list[RequestRecord]:
     records = []
     for prompt in prompts:
@@ -106,6 +107,9 @@ async def _b_phase(
             client, arguments.endpoint, arguments.api_key_b, _body(model, prompt, arguments.b_output_len)
         )
         records.append(record)
+        if label:
+            ttft = f"{record.ttft_s * 1000:.0f} ms" if record.succeeded else record.error
+            print(f"{label} {len(records)}/{len(prompts)}: TTFT {ttft}", file=sys.stderr, flush=True)
     return records
 
 
@@ -171,14 +175,16 @@ async def run(arguments: argparse.Namespace) -> dict[str, Any]:
             model = listed.json()["data"][0]["id"]
         # One request first, so that neither phase pays a cold start.
         await _b_phase(light_client, arguments, model, prompts[:1])
-        idle = await _b_phase(light_client, arguments, model, prompts[1 : 1 + arguments.b_requests])
+        idle = await _b_phase(light_client, arguments, model, prompts[1 : 1 + arguments.b_requests], "B idle")
 
         heavy = HeavyUser(heavy_client, arguments, model, prompts[0])
         loops = [asyncio.create_task(heavy.client_loop()) for _ in range(arguments.a_streams)]
         await asyncio.sleep(arguments.warmup)
         loaded_started = time.perf_counter()
         tokens_before = heavy.tokens
-        loaded = await _b_phase(light_client, arguments, model, prompts[1 + arguments.b_requests :])
+        loaded = await _b_phase(
+            light_client, arguments, model, prompts[1 + arguments.b_requests :], "B loaded"
+        )
         loaded_s = time.perf_counter() - loaded_started
         a_tokens = heavy.tokens - tokens_before
         heavy.stopping = True

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,10 @@ if TYPE_CHECKING:
     from app.state import ZeusState
 
 log = logging.getLogger("zeus.access")
+# How long a refusal is repeated without asking the database: a concurrency slot freed on another
+# instance is seen within a second; a budget an admin raised, within 5 s.
+REMEMBER_CONCURRENCY_S = 1.0
+REMEMBER_QUOTA_S = 5.0
 
 
 class AccessControl:
@@ -38,6 +43,44 @@ class AccessControl:
         self.gate = FairGate(settings.max_batch_size, settings.max_queue) if settings.fair_admission else None
         self.held_leases: set[int] = set()
         self._releases: set[asyncio.Task[None]] = set()
+        # Recent refusals, by ("user", id) or ("key", id): (monotonic deadline, detail,
+        # Retry-After, reason, scope). A client hammering past its limit is answered from here instead
+        # of a database round trip each time, so its retries cannot crowd other users out of the
+        # connection pool. Cleared when one of that user's generations here ends.
+        self._refusals: dict[tuple[str, int], tuple[float, str, int, str, str]] = {}
+
+    def remembered_refusal(self, user_id: int, api_key_id: int | None) -> AccessRefused | None:
+        now = time.monotonic()
+        for scope in (("user", user_id), ("key", api_key_id)):
+            entry = self._refusals.get(scope) if scope[1] is not None else None  # type: ignore[arg-type]
+            if entry is None:
+                continue
+            deadline, detail, retry_after_s, reason, scope_name = entry
+            if now < deadline:
+                return AccessRefused(detail, retry_after_s=retry_after_s, reason=reason, scope=scope_name)
+            del self._refusals[scope]  # type: ignore[arg-type]
+        return None
+
+    def remember_refusal(self, user_id: int, api_key_id: int | None, refusal: AccessRefused) -> None:
+        scope = (
+            ("key", api_key_id) if refusal.scope == "key" and api_key_id is not None else ("user", user_id)
+        )
+        hold_s = REMEMBER_QUOTA_S if refusal.reason == "quota" else REMEMBER_CONCURRENCY_S
+        self._refusals[scope] = (
+            time.monotonic() + min(hold_s, refusal.retry_after_s),
+            refusal.detail,
+            refusal.retry_after_s,
+            refusal.reason,
+            refusal.scope,
+        )
+        if len(self._refusals) > 10_000:  # a flood of distinct users: forget the oldest half
+            for stale in sorted(self._refusals, key=lambda item: self._refusals[item][0])[:5_000]:
+                del self._refusals[stale]
+
+    def forget_refusals(self, user_id: int, api_key_id: int | None) -> None:
+        self._refusals.pop(("user", user_id), None)
+        if api_key_id is not None:
+            self._refusals.pop(("key", api_key_id), None)
 
     def release_later(self, state: ZeusState, lease_id: int) -> None:
         """Deletes the lease row off the event loop; a failure leaves a row this run no longer
@@ -62,9 +105,12 @@ class AccessControl:
 class Admission:
     """What admit() hands out: one lease and one gate slot, given back exactly once by release()."""
 
-    def __init__(self, state: ZeusState, user_id: int, lease_id: int | None, gated: bool) -> None:
+    def __init__(
+        self, state: ZeusState, user_id: int, api_key_id: int | None, lease_id: int | None, gated: bool
+    ) -> None:
         self._state = state
         self.user_id = user_id
+        self.api_key_id = api_key_id
         self.lease_id = lease_id
         self._gated = gated
         self.released = False
@@ -78,6 +124,7 @@ class Admission:
             access.gate.leave(self.user_id)
         if self.lease_id is not None:
             access.release_later(self._state, self.lease_id)
+        access.forget_refusals(self.user_id, self.api_key_id)
 
     def start(self, submit: Callable[[], Any]) -> AdmittedStream:
         """Calls submit() (the engine's, returning a RequestStream); released when it raises,
@@ -135,6 +182,10 @@ async def admit(state: ZeusState, *, user_id: int, api_key_id: int | None) -> Ad
     wait, in turn with other users, for a slot of this instance's batch."""
     settings = state.settings
     access = state.access
+    remembered = access.remembered_refusal(user_id, api_key_id)
+    if remembered is not None:
+        state.metrics.rejected.labels(remembered.reason).inc()
+        raise remembered
     held = tuple(access.held_leases)
 
     def take_lease() -> int:
@@ -156,9 +207,10 @@ async def admit(state: ZeusState, *, user_id: int, api_key_id: int | None) -> Ad
         lease_id = await anyio.to_thread.run_sync(take_lease)
     except AccessRefused as error:
         state.metrics.rejected.labels(error.reason).inc()
+        access.remember_refusal(user_id, api_key_id, error)
         raise
     access.held_leases.add(lease_id)
-    admission = Admission(state, user_id, lease_id, gated=False)
+    admission = Admission(state, user_id, api_key_id, lease_id, gated=False)
     if access.gate is not None:
         try:
             await access.gate.enter(user_id)

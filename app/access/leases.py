@@ -64,6 +64,16 @@ def acquire_lease(
     until then). held_here: the ids of the leases this run still holds; its other rows (a release
     whose delete failed) are removed once older than the stale timeout.
     """
+    # Without the lock first: a user at the limit is refused without queueing on the lock (and
+    # holding a pooled connection meanwhile) behind their own other attempts.
+    _refuse_when_full(
+        db,
+        user_id=user_id,
+        api_key_id=api_key_id,
+        limits=limits,
+        stale_after_s=stale_after_s,
+        retry_after_s=retry_after_s,
+    )
     db.execute(select(func.pg_advisory_xact_lock(LEASE_LOCK_NAMESPACE, user_id)))
     stale = timedelta(seconds=stale_after_s)
     db.execute(
@@ -79,6 +89,29 @@ def acquire_lease(
             ),
         )
     )
+    _refuse_when_full(
+        db,
+        user_id=user_id,
+        api_key_id=api_key_id,
+        limits=limits,
+        stale_after_s=stale_after_s,
+        retry_after_s=retry_after_s,
+    )
+    lease = GenerationLease(user_id=user_id, api_key_id=api_key_id, run_id=run_id)
+    db.add(lease)
+    db.flush()
+    return lease.id
+
+
+def _refuse_when_full(
+    db: Session,
+    *,
+    user_id: int,
+    api_key_id: int | None,
+    limits: Limits,
+    stale_after_s: float,
+    retry_after_s: int,
+) -> None:
     active = live_lease_count(db, stale_after_s, user_id=user_id)
     if active >= limits.user_max_concurrent:
         raise AccessRefused(
@@ -96,11 +129,8 @@ def acquire_lease(
                 f"the key's limit is {limits.key_max_concurrent} (set by an admin); retry when one ends",
                 retry_after_s=retry_after_s,
                 reason="concurrency",
+                scope="key",
             )
-    lease = GenerationLease(user_id=user_id, api_key_id=api_key_id, run_id=run_id)
-    db.add(lease)
-    db.flush()
-    return lease.id
 
 
 def release_lease(db: Session, lease_id: int) -> None:

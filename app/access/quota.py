@@ -124,4 +124,5 @@ def check_budgets(
         f"it resets at {resets}",
         retry_after_s=int((use.resets_at - now).total_seconds()) + 1,
         reason="quota",
+        scope=use.scope,
     )

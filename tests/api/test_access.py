@@ -16,6 +16,7 @@ import httpx
 import pytest_asyncio
 from sqlalchemy import func, select, text
 
+from app.access.admission import REMEMBER_CONCURRENCY_S
 from app.access.quota import period_reset, period_start
 from app.config import Settings
 from app.db import transaction
@@ -210,8 +211,10 @@ async def test_a_dead_instances_leases_stop_counting(zeus: Zeus) -> None:
         assert (
             refused.status_code == 429 and f"you have {LIMIT} running" in refused.json()["error"]["message"]
         )
-        # The live host dies too: once its heartbeat is stale, the user may start another one.
+        # The live host dies too: once its heartbeat is stale, the user may start another one
+        # (after the instance stops repeating its last refusal from memory).
         insert_stale_instance(zeus, f"live-{live_run[:6]}", live_run, "1 minute")
+        await asyncio.sleep(REMEMBER_CONCURRENCY_S)
         assert (await client.post("/api/v1/chat/completions", json=short_completion(zeus))).status_code == 200
 
 

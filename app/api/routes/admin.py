@@ -174,12 +174,14 @@ def _apply_limits(target: User | ApiKey, body: LimitsUpdate) -> str:
 
 @router.patch("/users/{user_id}/limits", response_model=AdminUserOut, responses=NOT_FOUND)
 def change_user_limits(
-    user_id: int, body: LimitsUpdate, caller: AdminDep, db: SessionDep, request: Request
+    user_id: int, body: LimitsUpdate, caller: AdminDep, db: SessionDep, state: StateDep, request: Request
 ) -> User:
     """A user's concurrency limit and daily/monthly token budgets; null: the ZEUS_* default."""
     with db.begin():
         user = _user(db, user_id)
         detail = _apply_limits(user, body)
+        # This instance stops repeating its remembered refusals at once; others within seconds.
+        state.access.forget_refusals(user.id, None)
         audit(
             db,
             action="user.limits",
@@ -200,7 +202,7 @@ def user_usage(user_id: int, caller: AdminDep, db: SessionDep, state: StateDep) 
 
 @router.patch("/api-keys/{key_id}", response_model=AdminKeyOut, responses={**NOT_FOUND, **BAD_REQUEST})
 def change_api_key(
-    key_id: int, body: KeyLimitsUpdate, caller: AdminDep, db: SessionDep, request: Request
+    key_id: int, body: KeyLimitsUpdate, caller: AdminDep, db: SessionDep, state: StateDep, request: Request
 ) -> AdminKeyOut:
     """One key's own limits (applied on top of its owner's) and expiry date (null: never)."""
     with db.begin():
@@ -209,6 +211,7 @@ def change_api_key(
             raise HTTPException(404, f"API key {key_id} not found")
         owner = _user(db, key.user_id)
         detail = _apply_limits(key, body)
+        state.access.forget_refusals(owner.id, key.id)
         audit(
             db,
             action="api_key.limits",
