@@ -96,6 +96,20 @@ class Settings(BaseSettings):
     login_max_failures_per_account: PositiveInt = 10
     login_max_failures_per_address: PositiveInt = 50
 
+    # Fair share and quotas (app/access). Concurrent generations of one user across all instances,
+    # waiting ones included; admins override it per user and per API key. Below the fleet's
+    # batch (instances x ZEUS_MAX_BATCH_SIZE), one user cannot take every slot.
+    max_concurrent_per_user: PositiveInt = 8
+    # Token budgets (prompt + completion) per user, per UTC day and per UTC month; None: unlimited.
+    # Admins set them per user and per API key, which takes precedence over these defaults.
+    daily_token_budget: PositiveInt | None = None
+    monthly_token_budget: PositiveInt | None = None
+    # Retry-After, in seconds, of the answer to a user over their concurrency limit.
+    concurrency_retry_after_s: PositiveInt = 2
+    # Hold requests in the API when the engine's batch is full and let them in by user, in turn
+    # (app/access/fair.py); off: the engine's own first-come queue decides.
+    fair_admission: bool = True
+
     @field_validator("secret_key")
     @classmethod
     def _refuse_placeholder_secret(cls, value: SecretStr | None) -> SecretStr | None:

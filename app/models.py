@@ -49,6 +49,10 @@ class User(Base):
     disabled: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
     created_at: Mapped[datetime] = _now_column()
     last_login_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Fair share and quotas (app/access); None: the ZEUS_* default of the same name applies.
+    max_concurrent: Mapped[int | None] = mapped_column(Integer)
+    daily_token_budget: Mapped[int | None] = mapped_column(BigInteger)
+    monthly_token_budget: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class WebSession(Base):
@@ -76,6 +80,12 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = _now_column()
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # After this instant the key authenticates no more (None: never expires).
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The key's own limits, on top of its owner's (None: only the owner's apply).
+    max_concurrent: Mapped[int | None] = mapped_column(Integer)
+    daily_token_budget: Mapped[int | None] = mapped_column(BigInteger)
+    monthly_token_budget: Mapped[int | None] = mapped_column(BigInteger)
 
     user: Mapped[User] = relationship()
 
@@ -144,7 +154,13 @@ class SiteSetting(Base):
 
 class Usage(Base):
     __tablename__ = "usage"
-    __table_args__ = (Index("usage_ts", "ts"),)
+    # usage_user_ts / usage_key_ts: the budget checks sum one user's (one key's) rows since a day
+    # or month began, before every generation.
+    __table_args__ = (
+        Index("usage_ts", "ts"),
+        Index("usage_user_ts", "user_id", "ts"),
+        Index("usage_key_ts", "api_key_id", "ts"),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     ts: Mapped[datetime] = _now_column()
@@ -154,6 +170,24 @@ class Usage(Base):
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     status: Mapped[str] = mapped_column(String(16))
+
+
+class GenerationLease(Base):
+    """One admitted generation (waiting or running) of a user, held by the instance run serving it.
+
+    The per-user concurrency limit counts these rows across every instance. A lease lives only
+    while its run heartbeats (instances.run_id): a killed instance's leases stop counting after
+    the stale timeout, without anyone deleting them.
+    """
+
+    __tablename__ = "generation_leases"
+    __table_args__ = (Index("generation_leases_user", "user_id"), Index("generation_leases_run", "run_id"))
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
+    run_id: Mapped[str] = mapped_column(String(36))
+    acquired_at: Mapped[datetime] = _now_column()
 
 
 class AuditEntry(Base):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.access.admission import AccessControl
 from app.config import Settings
 from app.inference.types import EngineStats
 from app.telemetry.metrics import Metrics
@@ -35,8 +37,11 @@ class ZeusState:
     # stop request reaches this instance (other instances go through the database flag).
     local_stops: dict[int, asyncio.Event] = field(default_factory=dict)
     metrics: Metrics = field(init=False)
+    # Fair share and quotas: the fair gate and the concurrency leases this run holds (app/access).
+    access: AccessControl = field(init=False)
 
     def __post_init__(self) -> None:
+        self.access = AccessControl(self.settings)
         self.metrics = Metrics(self.engine_stats, lambda: self.in_flight)
 
     @property
@@ -44,7 +49,13 @@ class ZeusState:
         return self.settings.resolved_instance_name
 
     def engine_stats(self) -> EngineStats | None:
+        """The engine's numbers; `queued` also counts the requests the fair gate holds (app/access),
+        so health, heartbeat and metrics show every request waiting for a batch slot."""
         try:
-            return self.engine.stats()
+            stats = self.engine.stats()
         except Exception:
             return None
+        gate = self.access.gate
+        if gate is not None and gate.waiting:
+            stats = dataclasses.replace(stats, queued=stats.queued + gate.waiting)
+        return stats

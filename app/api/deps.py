@@ -77,7 +77,7 @@ def _caller(request: Request, state: ZeusState, db: Session) -> Caller | None:
     if scheme.lower() == "bearer" and credentials.strip():
         found = user_for_api_key(db, credentials.strip())
         if found is None:
-            raise HTTPException(401, "invalid or revoked API key", {"WWW-Authenticate": "Bearer"})
+            raise HTTPException(401, "invalid, revoked or expired API key", {"WWW-Authenticate": "Bearer"})
         return Caller(user=found[0], api_key_id=found[1].id)
     cookie = request.cookies.get(SESSION_COOKIE)
     if cookie and state.settings.secret_key is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -50,6 +50,10 @@ class AdminUserOut(UserOut):
     disabled: bool
     created_at: datetime
     last_login_at: datetime | None
+    # Admins' overrides (app/access); None: the ZEUS_* default applies.
+    max_concurrent: int | None = None
+    daily_token_budget: int | None = None
+    monthly_token_budget: int | None = None
 
 
 class UserCreate(Strict):
@@ -168,8 +172,27 @@ class StopOut(BaseModel):
     stopped: bool
 
 
+def _utc_instant(value: datetime | None) -> datetime | None:
+    """An instant with its zone, stored as UTC: PostgreSQL refuses offsets beyond +-15:59, and a
+    time without a zone would be read in the database session's zone."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        raise ValueError("needs a time zone, e.g. 2027-01-31T00:00:00Z")
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("is out of range: use a date between years 1 and 9999 in UTC") from None
+
+
+Instant = Annotated[datetime, AfterValidator(_utc_instant)]
+
+
 class KeyCreate(Strict):
     name: Text = Field(min_length=1, max_length=100)
+    expires_at: Instant | None = Field(
+        default=None, description="after this instant the key stops working (ISO 8601 with a time zone)"
+    )
 
 
 class KeyOut(BaseModel):
@@ -180,6 +203,10 @@ class KeyOut(BaseModel):
     created_at: datetime
     revoked_at: datetime | None
     last_used_at: datetime | None
+    expires_at: datetime | None = None
+    max_concurrent: int | None = None
+    daily_token_budget: int | None = None
+    monthly_token_budget: int | None = None
 
 
 class KeyCreated(BaseModel):
@@ -277,3 +304,41 @@ class HealthOut(BaseModel):
     db: str
     queue: QueueOut
     in_flight: int
+
+
+# ----- fair share and quotas (app/access) -----
+
+MAX_CONCURRENT_OVERRIDE = 10_000
+MAX_TOKEN_BUDGET = 2**53 - 1
+
+
+class LimitsUpdate(Strict):
+    """PATCH: only the fields sent change; null removes an override (the ZEUS_* default applies)."""
+
+    max_concurrent: int | None = Field(default=None, ge=1, le=MAX_CONCURRENT_OVERRIDE)
+    daily_token_budget: int | None = Field(default=None, ge=0, le=MAX_TOKEN_BUDGET)
+    monthly_token_budget: int | None = Field(default=None, ge=0, le=MAX_TOKEN_BUDGET)
+
+
+class KeyLimitsUpdate(LimitsUpdate):
+    """PATCH of one API key: its own limits (on top of its owner's) and its expiry (null: never)."""
+
+    expires_at: Instant | None = None
+
+
+class BudgetOut(BaseModel):
+    scope: Literal["user", "key"] = Field(description="user: all of the user's requests; key: this key's")
+    period: Literal["day", "month"] = Field(description="the UTC day or UTC month")
+    used: int = Field(description="prompt + completion tokens used in this period")
+    budget: int | None = Field(description="tokens allowed in this period; null: unlimited")
+    resets_at: datetime = Field(description="when the period ends and the count starts again")
+
+
+class ConcurrencyOut(BaseModel):
+    active: int = Field(description="generations running or waiting, across all instances")
+    limit: int
+
+
+class UsageOut(BaseModel):
+    concurrency: ConcurrencyOut
+    budgets: list[BudgetOut]

@@ -31,11 +31,11 @@ from app.api.deps import AdminDep, CallerDep, SessionDep, StateDep
 from app.api.errors import COMMON_RESPONSES, ErrorBody
 from app.api.generation import (
     GuardedStreamingResponse,
+    admitted_submit,
     in_thread,
     in_thread_shielded,
     record_usage,
     sse,
-    submit,
 )
 from app.api.schemas import (
     ChatDefaults,
@@ -670,7 +670,7 @@ async def _start_reply(
         messages=prepared.history, params=prepared.params, request_id=f"msg-{prepared.assistant_message_id}"
     )
     try:
-        stream = submit(state, request)
+        stream = await admitted_submit(state, request, user_id=caller_user_id, api_key_id=api_key_id)
     except HTTPException:
         await in_thread(_discard, state, prepared)
         raise

@@ -1,5 +1,6 @@
 // The admin dashboard: system (instances, totals, 15-minute charts), users, usage, audit log, API keys.
 
+import { openLimitsDialog } from "./admin-limits.js";
 import { api, describeError } from "./api.js";
 import { currentUser, setupLoginForm, signOut } from "./auth.js";
 import { drawLineChart } from "./charts.js";
@@ -339,6 +340,20 @@ function userRow(user) {
           },
           "Reset password",
         ),
+        h(
+          "button",
+          {
+            class: "btn btn--small",
+            type: "button",
+            "aria-label": `Limits of ${user.email}`,
+            onclick: () =>
+              openLimitsDialog("user", user, () => {
+                panelNotice("users", `Saved the limits of ${user.email}.`, "info");
+                loadUsers();
+              }),
+          },
+          "Limits",
+        ),
       ),
     ),
   );
@@ -602,28 +617,51 @@ async function loadKeys() {
         cell(
           h(
             "span",
-            { class: `badge badge--${key.revoked_at ? "disabled" : "active"}` },
-            key.revoked_at ? "revoked" : "active",
+            { class: `badge badge--${key.revoked_at || keyExpired(key) ? "disabled" : "active"}` },
+            key.revoked_at ? "revoked" : keyExpired(key) ? "expired" : "active",
           ),
         ),
         cell(
           key.revoked_at
             ? ""
             : h(
-                "button",
-                {
-                  class: "btn btn--small btn--danger",
-                  type: "button",
-                  "aria-label": `Revoke the key ${key.name} of ${key.email}`,
-                  onclick: () => revokeKey(key),
-                },
-                "Revoke",
+                "div",
+                { class: "row-actions" },
+                h(
+                  "button",
+                  {
+                    class: "btn btn--small btn--danger",
+                    type: "button",
+                    "aria-label": `Revoke the key ${key.name} of ${key.email}`,
+                    onclick: () => revokeKey(key),
+                  },
+                  "Revoke",
+                ),
+                h(
+                  "button",
+                  {
+                    class: "btn btn--small",
+                    type: "button",
+                    "aria-label": `Limits of the key ${key.name} of ${key.email}`,
+                    title: key.expires_at ? `Expires ${formatDateTime(key.expires_at)}` : null,
+                    onclick: () =>
+                      openLimitsDialog("key", key, () => {
+                        panelNotice("keys", `Saved the limits of “${key.name}”.`, "info");
+                        loadKeys();
+                      }),
+                  },
+                  "Limits",
+                ),
               ),
         ),
       ),
     );
   }
   if (keys.length === 0) emptyRow(table, 7, "No API keys.");
+}
+
+function keyExpired(key) {
+  return Boolean(key.expires_at) && new Date(key.expires_at).getTime() <= Date.now();
 }
 
 async function revokeKey(key) {

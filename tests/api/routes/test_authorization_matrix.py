@@ -60,9 +60,9 @@ def on_first_message(method: str, body: dict) -> Request:
     return build
 
 
-def on_key(method: str, prefix: str) -> Request:
+def on_key(method: str, prefix: str, body: dict | None = None) -> Request:
     async def build(world: World) -> tuple[str, str, dict | None]:
-        return method, f"{prefix}/{await world.key()}", None
+        return method, f"{prefix}/{await world.key()}", body
 
     return build
 
@@ -82,6 +82,16 @@ MATRIX: dict[tuple[str, str], tuple[Request, tuple[int, int, int, int]]] = {
     ),
     ("POST", "/api/auth/logout"): (fixed("POST", "/api/auth/logout"), (204, 204, 204, 204)),
     ("GET", "/api/auth/me"): (fixed("GET", "/api/auth/me"), ANY_USER),
+    ("GET", "/api/auth/me/usage"): (fixed("GET", "/api/auth/me/usage"), ANY_USER),
+    ("PATCH", "/api/admin/users/{user_id}/limits"): (
+        fixed("PATCH", "/api/admin/users/{user}/limits", {"daily_token_budget": None}),
+        ADMIN_ONLY,
+    ),
+    ("GET", "/api/admin/users/{user_id}/usage"): (fixed("GET", "/api/admin/users/{user}/usage"), ADMIN_ONLY),
+    ("PATCH", "/api/admin/api-keys/{key_id}"): (
+        on_key("PATCH", "/api/admin/api-keys", {"max_concurrent": None}),
+        ADMIN_ONLY,
+    ),
     ("GET", "/api/conversations"): (fixed("GET", "/api/conversations"), ANY_USER),
     ("DELETE", "/api/conversations"): (fixed("DELETE", "/api/conversations"), (401, 204, 204, 204)),
     ("GET", "/api/conversations/defaults"): (fixed("GET", "/api/conversations/defaults"), ANY_USER),
