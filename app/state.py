@@ -6,7 +6,7 @@ import asyncio
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -16,7 +16,7 @@ from app.inference.types import EngineStats
 from app.telemetry.metrics import Metrics
 
 if TYPE_CHECKING:
-    from app.inference import InferenceEngine
+    from app.inference.contract import Engine
 
 
 @dataclass
@@ -24,7 +24,7 @@ class ZeusState:
     settings: Settings
     db_engine: Engine
     sessions: sessionmaker[Session]
-    engine: InferenceEngine
+    engine: Engine
     run_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     engine_started: bool = False
@@ -48,3 +48,18 @@ class ZeusState:
             return self.engine.stats()
         except Exception:
             return None
+
+    def engine_description(self) -> dict[str, Any]:
+        """The engine's kind, dtype, quantization, tensor-parallel size, context and KV-cache use:
+        /api/health's "engine", the heartbeat's copy for the admin page."""
+        info = self.engine.info()
+        stats = self.engine_stats()
+        return {
+            "kind": info.kind,
+            "dtype": info.dtype,
+            "quantization": info.quantization,
+            "tensor_parallel_size": info.tensor_parallel_size,
+            "max_model_len": info.max_model_len,
+            "kv_cache_usage": stats.kv_cache_usage if stats else None,
+            "prefix_cache_hit_rate": stats.prefix_cache_hit_rate if stats else None,
+        }
