@@ -270,9 +270,10 @@ class VLLMEngine:
                 disable_log_stats=False,
             )
         except Exception as error:
-            raise ModelLoadError(
-                f"vLLM did not start the model {self.model_name}: {_one_line(error)}"
-            ) from None
+            message = f"vLLM did not start the model {self.model_name}: {_one_line(error)}"
+            # The server's lifespan prints a traceback; this line says what went wrong.
+            logger.error("zeus: %s", message)
+            raise ModelLoadError(message) from None
         self._accepting = True
 
     async def shutdown(self, timeout_s: float = 30.0) -> None:
@@ -643,8 +644,11 @@ class VLLMEngine:
                 self._prefix_queries += int(prefix.queries)
                 self._prefix_hits += int(prefix.hits)
         new_tokens = int(iteration_stats.num_generation_tokens) if iteration_stats is not None else 0
-        if new_tokens or running:
-            self._steps_total += 1
+        if not (new_tokens or running or queued):
+            # An idle engine core's periodic stats: no step to report.
+            self._last_step_at = None
+            return
+        self._steps_total += 1
         # The wall time since the previous step, when the engine was busy since then (after an
         # idle spell the interval measures the idleness, not a step).
         previous, self._last_step_at = self._last_step_at, now

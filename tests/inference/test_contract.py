@@ -134,7 +134,10 @@ async def test_a_stop_string_across_tokens_ends_the_reply_before_it(case: Case) 
     free = await engine.submit(request).result()
     # A stop string from the reply that starts inside one token and ends inside a later one.
     tokenizer = engine.tokenizer  # type: ignore[attr-defined]
-    ends = [len(tokenizer.decode(free.token_ids[: n + 1])) for n in range(len(free.token_ids))]
+    ends = [
+        len(tokenizer.decode(free.token_ids[: n + 1], skip_special_tokens=True))
+        for n in range(len(free.token_ids))
+    ]
     boundary = next(
         end for end in ends[4:] if free.text[end - 2 : end + 2].strip() and end + 2 <= len(free.text)
     )
@@ -173,7 +176,7 @@ async def test_cancel_ends_the_stream_and_frees_the_slot(case: Case) -> None:
 async def test_a_full_engine_refuses_with_retry_after_and_takes_work_again(case: Case) -> None:
     engine = case.engine
     streams = [engine.submit(chat("Tell me a story.", **ENDLESS)) for _ in range(3)]
-    assert (engine.stats().running, engine.stats().queued) == (2, 1)
+    await wait_for(lambda: (engine.stats().running, engine.stats().queued) == (2, 1))
     with pytest.raises(EngineFullError) as refused:
         engine.submit(chat("Hi", max_tokens=1))
     assert refused.value.retry_after_s >= 1
