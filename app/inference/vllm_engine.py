@@ -116,7 +116,6 @@ class _Request:
         "first_token_at",
         "prompt_ids",
         "request",
-        "started",
         "stream",
         "submitted_at",
         "task",
@@ -129,7 +128,6 @@ class _Request:
         self.prompt_ids = prompt_ids
         self.submitted_at = time.monotonic()
         self.first_token_at: float | None = None
-        self.started = False
         self.task: asyncio.Task[None] | None = None
         # Unique per submit even when callers reuse request ids: vLLM refuses duplicates.
         self.vllm_id = f"{request.request_id or 'zeus'}-{uuid.uuid4().hex[:12]}"
@@ -458,6 +456,7 @@ class VLLMEngine:
         entry.task = asyncio.get_running_loop().create_task(
             self._drive(entry, sampling_params), name=f"zeus-vllm-{entry.vllm_id}"
         )
+        entry.task.add_done_callback(lambda _: self._finish_unfinished(entry))
         self._notify("on_request_queued", max(0, len(self._requests) - self.config.max_batch_size))
         return stream
 
@@ -478,6 +477,7 @@ class VLLMEngine:
         pieces: list[str] = []
         token_ids: list[int] = []
         logprobs: list[TokenLogprob] = []
+        pending_tokens = 0
         reason: FinishReason = "error"
         error: str | None = None
         try:
@@ -495,20 +495,31 @@ class VLLMEngine:
                     self._tokens_total += len(new_ids)
                 delta_logprobs = self._logprobs(new_ids, completion.logprobs, entry.request.params.logprobs)
                 logprobs.extend(delta_logprobs)
+                # Tokens that add no text yet (half a character, a held-back stop-string prefix, a
+                # special token) are counted with the next delta, as the built-in engine does.
+                pending_tokens += len(new_ids)
                 if completion.text or delta_logprobs:
                     pieces.append(completion.text)
                     entry.stream._deliver(
-                        TextDelta(text=completion.text, token_count=len(new_ids), logprobs=delta_logprobs)
+                        TextDelta(text=completion.text, token_count=pending_tokens, logprobs=delta_logprobs)
                     )
+                    pending_tokens = 0
                 if output.finished:
+                    # The generator ends after this output; running it out (no break) lets vLLM
+                    # close its side of the request at once.
                     reason = _FINISH_REASONS.get(completion.finish_reason, "stop")
-                    break
         except asyncio.CancelledError:
             reason = "cancelled"
         except Exception as exception:
             logger.exception("vLLM request %s failed", entry.vllm_id)
             reason, error = "error", f"{type(exception).__name__}: {_one_line(exception)}"
         self._finish(entry, reason, "".join(pieces), token_ids, logprobs, error)
+
+    def _finish_unfinished(self, entry: _Request) -> None:
+        # A task cancelled before its first step never runs _drive's body (nor its except
+        # clauses): the stream still gets its one GenerationResult.
+        if not entry.stream.finished:
+            self._finish(entry, "cancelled", "", [], [], None)
 
     def _logprobs(self, new_ids: list[int], positions: Any, wanted: int | None) -> tuple[TokenLogprob, ...]:
         """vLLM's per-position {token id: Logprob} as Zeus's TokenLogprob (chosen + top `wanted`)."""

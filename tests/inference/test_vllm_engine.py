@@ -149,3 +149,23 @@ def test_tool_calls_are_parsed_with_the_parser_for_the_model_family(vllm_engine:
     assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"} and call.id
     plain = vllm_engine.extract_tool_calls("It is sunny.", request)
     assert plain.tool_calls == () and plain.content == "It is sunny."
+
+
+def test_zeus_engine_vllm_goes_through_the_factory_and_a_refusal_is_one_startup_line(
+    smollm2_path: Path,
+) -> None:
+    from app.config import Settings
+    from app.startup import StartupError, load_engine
+
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        database_url="postgresql://zeus@127.0.0.1/zeus",
+        model_path=smollm2_path,
+        device="cpu",
+        engine="vllm",
+        tensor_parallel_size=2,
+    )
+    with pytest.raises(StartupError) as refused:
+        load_engine(settings)
+    line = str(refused.value)
+    assert line.startswith("model not loaded: vLLM refused") and "\n" not in line, line
