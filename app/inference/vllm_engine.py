@@ -577,7 +577,15 @@ class VLLMEngine:
     # ----- tools ---------------------------------------------------------------------------
 
     def tool_parser_name(self) -> str:
-        return self.config.tool_call_parser or TOOL_PARSERS.get(self._model_type, DEFAULT_TOOL_PARSER)
+        """ZEUS_TOOL_CALL_PARSER, or the parser for the model's family whose marker tokens this
+        tokenizer has (a Llama-architecture model without Llama 3's <|python_tag|> token, such as
+        SmolLM2, gets the generic hermes parser)."""
+        if self.config.tool_call_parser:
+            return self.config.tool_call_parser
+        name = TOOL_PARSERS.get(self._model_type, DEFAULT_TOOL_PARSER)
+        if name == "llama3_json" and "<|python_tag|>" not in self._tokenizer.get_vocab():
+            return DEFAULT_TOOL_PARSER
+        return name
 
     def extract_tool_calls(self, text: str, request: GenerationRequest) -> ToolCallExtraction:
         """Split a finished reply into content and tool calls with vLLM's parser for the model family.
@@ -608,18 +616,30 @@ class VLLMEngine:
         return ToolCallExtraction(content=extracted.content or None, tool_calls=calls)
 
     def _tool_parser(self) -> Any:
+        """vLLM's parser class (cached), checked once against this model's tokenizer.
+
+        Raises InvalidRequestError(param="tools") naming ZEUS_TOOL_CALL_PARSER when vLLM has no such
+        parser or it does not fit the tokenizer."""
         if self._tool_parser_class is None:
             from vllm.tool_parsers import ToolParserManager
 
             name = self.tool_parser_name()
             try:
-                self._tool_parser_class = ToolParserManager.get_tool_parser(name)
+                parser_class = ToolParserManager.get_tool_parser(name)
+                parser_class(self._tokenizer)
             except KeyError:
                 raise InvalidRequestError(
                     f"tool-call parser {name!r} (ZEUS_TOOL_CALL_PARSER) is not one of vLLM's: "
                     f"{', '.join(sorted(ToolParserManager.list_registered()))}",
                     param="tools",
                 ) from None
+            except Exception as error:
+                raise InvalidRequestError(
+                    f"tool-call parser {name!r} does not fit model {self.model_name} "
+                    f"({_one_line(error)}): set ZEUS_TOOL_CALL_PARSER to another of vLLM's parsers",
+                    param="tools",
+                ) from None
+            self._tool_parser_class = parser_class
         return self._tool_parser_class
 
     # ----- metrics -------------------------------------------------------------------------
