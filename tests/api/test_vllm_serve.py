@@ -25,7 +25,8 @@ def vllm_server(
         database_url,
         smollm2_path,
         tmp_path_factory.mktemp("vllm-serve"),
-        ready_timeout_s=240,
+        # vLLM spawns its engine core and warms the model up: about a minute on two idle cores.
+        ready_timeout_s=600,
         ZEUS_ENGINE="vllm",
         ZEUS_KV_CACHE_GB="1",
         ZEUS_MAX_MODEL_LEN="1024",
