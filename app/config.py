@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     kv_cache_gb: Annotated[float, Field(gt=0)] | None = None
     # vLLM only: the context length served (prompt + reply); None for the model's own.
     max_model_len: PositiveInt | None = None
+    # vLLM only: skip torch.compile and CUDA graphs: starts in seconds instead of minutes (CPU
+    # hosts compile with g++), serves slower. Tests and quick trials; off in production.
+    enforce_eager: bool = False
     # vLLM only: vLLM's tool-call parser name (hermes, llama3_json, mistral, ...); None picks one
     # for the model's family (app/inference/vllm_engine.py TOOL_PARSERS).
     tool_call_parser: str | None = None

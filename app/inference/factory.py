@@ -41,6 +41,7 @@ def create_engine(settings: Settings) -> Engine:
                 kv_cache_gb=settings.kv_cache_gb,
                 max_model_len=settings.max_model_len,
                 tool_call_parser=settings.tool_call_parser,
+                enforce_eager=settings.enforce_eager,
             )
         )
     if settings.engine == "builtin":

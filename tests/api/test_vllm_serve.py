@@ -31,6 +31,8 @@ def vllm_server(
         ZEUS_KV_CACHE_GB="1",
         ZEUS_MAX_MODEL_LEN="1024",
         ZEUS_MAX_INPUT_TOKENS="512",
+        # No torch.compile: minutes of g++ on CI's two cores otherwise.
+        ZEUS_ENFORCE_EAGER="true",
     )
     try:
         server.analyst = server.create_account("vllm-analyst@example.com", "analyst")
