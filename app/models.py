@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     CheckConstraint,
@@ -245,6 +247,9 @@ class Instance(Base):
     queue_waiting: Mapped[int] = mapped_column(Integer, default=0)
     requests_per_s: Mapped[float] = mapped_column(Float, default=0.0)
     tokens_per_s: Mapped[float] = mapped_column(Float, default=0.0)
+    # The engine's kind, dtype, quantization, tensor_parallel_size and kv_cache_usage (the
+    # heartbeat's copy of /api/health's "engine"); None from instances older than this column.
+    engine: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class InstanceSample(Base):

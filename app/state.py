@@ -7,7 +7,7 @@ import dataclasses
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -18,7 +18,8 @@ from app.inference.types import EngineStats
 from app.telemetry.metrics import Metrics
 
 if TYPE_CHECKING:
-    from app.inference import InferenceEngine
+    # The inference engine's contract (not SQLAlchemy's Engine, which db_engine is).
+    from app.inference.contract import Engine as ModelEngine
 
 
 @dataclass
@@ -26,7 +27,7 @@ class ZeusState:
     settings: Settings
     db_engine: Engine
     sessions: sessionmaker[Session]
-    engine: InferenceEngine
+    engine: ModelEngine
     run_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     engine_started: bool = False
@@ -59,3 +60,18 @@ class ZeusState:
         if gate is not None and gate.waiting:
             stats = dataclasses.replace(stats, queued=stats.queued + gate.waiting)
         return stats
+
+    def engine_description(self) -> dict[str, Any]:
+        """The engine's kind, dtype, quantization, tensor-parallel size, context and KV-cache use:
+        /api/health's "engine", the heartbeat's copy for the admin page."""
+        info = self.engine.info()
+        stats = self.engine_stats()
+        return {
+            "kind": info.kind,
+            "dtype": info.dtype,
+            "quantization": info.quantization,
+            "tensor_parallel_size": info.tensor_parallel_size,
+            "max_model_len": info.max_model_len,
+            "kv_cache_usage": stats.kv_cache_usage if stats else None,
+            "prefix_cache_hit_rate": stats.prefix_cache_hit_rate if stats else None,
+        }

@@ -100,3 +100,36 @@ def test_only_postgresql_urls() -> None:
     with pytest.raises(ConfigError) as error:
         load_settings(database_url="sqlite:///zeus.db")
     assert error.value.problems == ["ZEUS_DATABASE_URL must be a postgresql:// URL"]
+
+
+def test_engine_settings_default_to_the_builtin_engine_and_refuse_unknown_values(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ZEUS_DATABASE_URL", "postgresql://zeus:pw@db:5432/zeus")
+    settings = load_settings()
+    assert (settings.engine, settings.tensor_parallel_size, settings.gpu_memory_utilization) == (
+        "builtin",
+        1,
+        0.90,
+    )
+    assert settings.kv_cache_gb is None and settings.max_model_len is None
+
+    monkeypatch.setenv("ZEUS_ENGINE", "vllm")
+    monkeypatch.setenv("ZEUS_TENSOR_PARALLEL_SIZE", "2")
+    monkeypatch.setenv("ZEUS_KV_CACHE_GB", "1.5")
+    monkeypatch.setenv("ZEUS_MAX_MODEL_LEN", "4096")
+    settings = load_settings()
+    assert (settings.engine, settings.tensor_parallel_size, settings.kv_cache_gb, settings.max_model_len) == (
+        "vllm",
+        2,
+        1.5,
+        4096,
+    )
+
+    monkeypatch.setenv("ZEUS_ENGINE", "tgi")
+    monkeypatch.setenv("ZEUS_GPU_MEMORY_UTILIZATION", "1.5")
+    with pytest.raises(ConfigError) as error:
+        load_settings()
+    problems = error.value.problems
+    assert any(line.startswith("ZEUS_ENGINE:") and "'tgi'" in line and "vllm" in line for line in problems)
+    assert any(line.startswith("ZEUS_GPU_MEMORY_UTILIZATION:") for line in problems)

@@ -220,6 +220,19 @@ class AdminKeyOut(KeyOut):
     email: str
 
 
+class EngineOut(BaseModel):
+    """The engine serving this instance (app/inference/contract.py EngineInfo, plus its KV cache)."""
+
+    kind: str
+    dtype: str
+    quantization: str | None
+    tensor_parallel_size: int
+    max_model_len: int
+    # Fraction of the KV cache in use (0..1); None for engines without a paged cache (builtin).
+    kv_cache_usage: float | None = None
+    prefix_cache_hit_rate: float | None = None
+
+
 class InstanceOut(BaseModel):
     host: str
     port: int
@@ -237,6 +250,7 @@ class InstanceOut(BaseModel):
     queue: int
     requests_per_s: float
     tokens_per_s: float
+    engine: EngineOut | None = None
 
 
 class SystemTotals(BaseModel):
@@ -301,6 +315,7 @@ class HealthOut(BaseModel):
     instance: str
     model: str
     device: str
+    engine: EngineOut
     db: str
     queue: QueueOut
     in_flight: int

@@ -264,6 +264,7 @@ def system(caller: AdminDep, db: SessionDep, state: StateDep) -> SystemOut:
             queue=row.queue_running + row.queue_waiting,
             requests_per_s=row.requests_per_s,
             tokens_per_s=row.tokens_per_s,
+            engine=row.engine,
         )
         for row, up in rows
     ]

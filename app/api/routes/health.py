@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 
 from app.api.deps import StateDep
 from app.api.generation import in_thread
-from app.api.schemas import HealthOut, QueueOut
+from app.api.schemas import EngineOut, HealthOut, QueueOut
 from app.db import UNAVAILABLE_ERRORS, describe_db_error, ping
 
 router = APIRouter(tags=["health"])
@@ -34,6 +34,7 @@ async def health(state: StateDep) -> JSONResponse:
         instance=state.instance_name,
         model=state.engine.model_name,
         device=str(state.engine.device),
+        engine=EngineOut(**state.engine_description()),
         db=db,
         queue=QueueOut(
             running=stats.running if stats else 0,

@@ -81,6 +81,19 @@ function cell(content, className = null) {
   return h("td", { class: className }, content);
 }
 
+// The engine under the device: "vllm · bfloat16 · awq · TP 2 · KV 34 %" (heartbeat's copy of
+// /api/health's engine); nothing for instances that predate it.
+function engineLine(engine) {
+  if (!engine || !engine.kind) return null;
+  const parts = [engine.kind, engine.dtype];
+  if (engine.quantization) parts.push(engine.quantization);
+  if (engine.tensor_parallel_size > 1) parts.push(`TP ${engine.tensor_parallel_size}`);
+  if (engine.kv_cache_usage !== null && engine.kv_cache_usage !== undefined) {
+    parts.push(`KV ${formatNumber(engine.kv_cache_usage * 100)} %`);
+  }
+  return h("div", { class: "muted", dataset: { engine: engine.kind } }, parts.filter(Boolean).join(" · "));
+}
+
 function emptyRow(table, columns, text) {
   $("tbody", table).append(h("tr", {}, h("td", { colspan: columns, class: "muted" }, text)));
 }
@@ -203,7 +216,7 @@ function renderInstances(instances) {
         { dataset: { instance: instance.instance ?? `${instance.host}:${instance.port}` } },
         h("td", {}, h("strong", {}, `${instance.host}:${instance.port}`), instance.model ? h("div", { class: "muted" }, instance.model) : null),
         cell(h("span", { class: `badge badge--${instance.state === "up" ? "up" : "down"}` }, instance.state ?? "unknown")),
-        cell(instance.device ?? "—"),
+        h("td", {}, instance.device ?? "—", engineLine(instance.engine)),
         cell(instance.cpu_percent === null || instance.cpu_percent === undefined ? "—" : `${formatNumber(instance.cpu_percent)} %`, "num"),
         cell(formatBytes(instance.rss_bytes), "num"),
         cell(instance.gpu_memory_bytes ? formatBytes(instance.gpu_memory_bytes) : "—", "num"),
