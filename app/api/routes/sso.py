@@ -193,6 +193,9 @@ def oidc_callback(
                 + (f" ({error_description})" if error_description else "")
             )
         claims = oidc.finish(settings=settings, pending=pending, code=code)
+        # Named in the audit row even when the address is then refused (e.g. not verified).
+        claimed = oidc.claim_value(claims, settings.oidc_email_claim)
+        email = claimed.strip().lower() if isinstance(claimed, str) else None
         email = oidc.email_from_claims(claims, settings)
         with db.begin():
             user = sign_in_external(
