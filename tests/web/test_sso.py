@@ -1,0 +1,98 @@
+"""The "Sign in with ..." button in chromium: the real app (`python -m app serve`) configured for
+node's oidc-provider, which the test starts; the provider's login form is filled in as a person
+would. The provider runs at localhost and Zeus at 127.0.0.1, different sites to the browser, so
+the cookies' SameSite rules apply as they do between a company's provider and Zeus."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect
+
+from tests.support.databases import fresh_database
+from tests.support.identity import (
+    ADMIN_GROUP_CLAIM,
+    CLIENT_ID,
+    CLIENT_SECRET,
+    OidcProvider,
+    oidc_provider_port,
+    start_oidc_provider,
+)
+from tests.support.live_server import LiveServer, start_live_server
+from tests.web.helpers import STATIC_DIR, save_screenshot
+
+pytestmark = pytest.mark.browser
+
+USERS = {"wanda": {"password": "wanda-secret", "email": "wanda@corp.test", "groups": [ADMIN_GROUP_CLAIM]}}
+
+
+@pytest.fixture(scope="module")
+def sso_server(
+    tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[LiveServer, OidcProvider]]:
+    provider_port = oidc_provider_port()
+    with fresh_database("websso") as database_url:
+        server = start_live_server(
+            database_url,
+            tiny_model_path,
+            tmp_path_factory.mktemp("sso-server"),
+            ZEUS_STATIC_DIR=str(STATIC_DIR),
+            ZEUS_OIDC_ISSUER=f"http://localhost:{provider_port}",
+            ZEUS_OIDC_CLIENT_ID=CLIENT_ID,
+            ZEUS_OIDC_CLIENT_SECRET=CLIENT_SECRET,
+            ZEUS_OIDC_DISPLAY_NAME="Test IdP",
+            ZEUS_OIDC_SCOPES="openid email profile groups",
+            ZEUS_OIDC_ADMIN_CLAIM="groups",
+            ZEUS_OIDC_ADMIN_VALUES=ADMIN_GROUP_CLAIM,
+        )
+        try:
+            with start_oidc_provider(
+                provider_port,
+                [f"{server.base_url}/api/auth/oidc/callback"],
+                USERS,
+                tmp_path_factory.mktemp("sso-provider"),
+            ) as provider:
+                yield server, provider
+        finally:
+            server.stop()
+
+
+def test_sign_in_with_the_provider_button(new_session, sso_server) -> None:
+    server, provider = sso_server
+    session = new_session()
+    page = session.page
+    page.goto(f"{server.base_url}/")
+    button = page.get_by_role("link", name="Sign in with Test IdP")
+    expect(button).to_be_visible()
+    # The password form is still there beside it (ZEUS_PASSWORD_LOGIN defaults to true).
+    expect(page.locator("#login-form").get_by_label("Password")).to_be_visible()
+    save_screenshot(page, "sso-login-button")
+
+    button.click()
+    page.wait_for_url(f"http://localhost:{provider.port}/interaction/**")
+    page.get_by_label("Username").fill("wanda")
+    page.get_by_label("Password").fill(USERS["wanda"]["password"])
+    page.get_by_role("button", name="Sign in").click()
+
+    # Back at Zeus, signed in, as admin (the provider's groups claim names the admin group).
+    expect(page.locator("#chat-view")).to_be_visible()
+    assert page.url.startswith(f"{server.base_url}/")
+    expect(page.locator("#user-email")).to_have_text("wanda@corp.test")
+    expect(page.locator("#admin-link")).to_be_visible()
+    session.watch.assert_clean()
+
+
+def test_a_refused_sign_in_is_explained_on_the_sign_in_page(new_session, sso_server) -> None:
+    server, _ = sso_server
+    session = new_session()
+    page = session.page
+    # A callback whose state Zeus never issued, as a forged or replayed link would be.
+    page.goto(f"{server.base_url}/api/auth/oidc/callback?state=forged&code=stolen")
+    expect(page.locator("#login-view")).to_be_visible()
+    expect(page.locator("#login-error")).to_contain_text("this sign-in is unknown or was already used")
+    # The message is taken out of the address, so a reload does not show it again.
+    assert "sso_error" not in page.url
+    expect(page.get_by_role("link", name="Sign in with Test IdP")).to_be_visible()
+    session.watch.assert_clean()
