@@ -170,6 +170,7 @@ def oidc_callback(
     state_param: str | None = Query(default=None, alias="state", max_length=4096),
     error: str | None = Query(default=None, max_length=256),
     error_description: str | None = Query(default=None, max_length=1024),
+    iss: str | None = Query(default=None, max_length=2048, description="RFC 9207: the responding issuer"),
 ) -> RedirectResponse:
     """The provider's redirect back: checks state, browser and PKCE, validates the ID token, finds
     or creates the account and starts a session."""
@@ -187,6 +188,11 @@ def oidc_callback(
     try:
         if refusal is not None:
             raise refusal
+        # RFC 9207: a provider that names itself must be the configured one (mix-up attacks).
+        if iss is not None and iss.rstrip("/") != str(settings.oidc_issuer).rstrip("/"):
+            raise oidc.SsoRefused(
+                f"the answer came from issuer {iss!r}, not from {settings.oidc_display_name}"
+            )
         if error:
             raise oidc.SsoRefused(
                 f"{settings.oidc_display_name} refused the sign-in: {error}"

@@ -239,6 +239,12 @@ async def test_oidc_refuses_a_bad_state_a_replay_and_another_browser(sso) -> Non
         assert "unknown or was already used" in sso_error(replay)
         assert (await client.get("/api/auth/me")).status_code == 401
 
+        # An answer naming another issuer (RFC 9207) is refused.
+        callback = await to_callback(client, zeus, "bea")
+        assert "&iss=" in callback
+        mixed_up = re.sub(r"iss=[^&]+", "iss=https%3A%2F%2Fevil.example", callback)
+        assert "not from Test IdP" in sso_error(await client.get(mixed_up))
+
         # A fresh sign-in goes through, and its callback cannot be used twice.
         callback = await to_callback(client, zeus, "bea")
         assert (await client.get(callback)).status_code == 303
