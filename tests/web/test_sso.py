@@ -28,39 +28,53 @@ pytestmark = pytest.mark.browser
 USERS = {"wanda": {"password": "wanda-secret", "email": "wanda@corp.test", "groups": [ADMIN_GROUP_CLAIM]}}
 
 
+def _start_server(database_url: str, tiny_model_path: Path, log_dir: Path, provider_port: int, **extra: str):
+    return start_live_server(
+        database_url,
+        tiny_model_path,
+        log_dir,
+        ZEUS_STATIC_DIR=str(STATIC_DIR),
+        ZEUS_OIDC_ISSUER=f"http://localhost:{provider_port}",
+        ZEUS_OIDC_CLIENT_ID=CLIENT_ID,
+        ZEUS_OIDC_CLIENT_SECRET=CLIENT_SECRET,
+        ZEUS_OIDC_DISPLAY_NAME="Test IdP",
+        ZEUS_OIDC_SCOPES="openid email profile groups",
+        ZEUS_OIDC_ADMIN_CLAIM="groups",
+        ZEUS_OIDC_ADMIN_VALUES=ADMIN_GROUP_CLAIM,
+        **extra,
+    )
+
+
 @pytest.fixture(scope="module")
-def sso_server(
+def sso_servers(
     tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[LiveServer, OidcProvider]]:
+) -> Iterator[tuple[LiveServer, LiveServer, OidcProvider]]:
+    """Two instances of Zeus on one fresh database, one with the password form and one with
+    ZEUS_PASSWORD_LOGIN=false, and the provider that knows both callbacks."""
     provider_port = oidc_provider_port()
     with fresh_database("websso") as database_url:
-        server = start_live_server(
-            database_url,
-            tiny_model_path,
-            tmp_path_factory.mktemp("sso-server"),
-            ZEUS_STATIC_DIR=str(STATIC_DIR),
-            ZEUS_OIDC_ISSUER=f"http://localhost:{provider_port}",
-            ZEUS_OIDC_CLIENT_ID=CLIENT_ID,
-            ZEUS_OIDC_CLIENT_SECRET=CLIENT_SECRET,
-            ZEUS_OIDC_DISPLAY_NAME="Test IdP",
-            ZEUS_OIDC_SCOPES="openid email profile groups",
-            ZEUS_OIDC_ADMIN_CLAIM="groups",
-            ZEUS_OIDC_ADMIN_VALUES=ADMIN_GROUP_CLAIM,
-        )
+        log_dir = tmp_path_factory.mktemp("sso-servers")
+        with_passwords = _start_server(database_url, tiny_model_path, log_dir, provider_port)
         try:
-            with start_oidc_provider(
-                provider_port,
-                [f"{server.base_url}/api/auth/oidc/callback"],
-                USERS,
-                tmp_path_factory.mktemp("sso-provider"),
-            ) as provider:
-                yield server, provider
+            sso_only = _start_server(
+                database_url, tiny_model_path, log_dir, provider_port, ZEUS_PASSWORD_LOGIN="false"
+            )
+            try:
+                with start_oidc_provider(
+                    provider_port,
+                    [f"{server.base_url}/api/auth/oidc/callback" for server in (with_passwords, sso_only)],
+                    USERS,
+                    tmp_path_factory.mktemp("sso-provider"),
+                ) as provider:
+                    yield with_passwords, sso_only, provider
+            finally:
+                sso_only.stop()
         finally:
-            server.stop()
+            with_passwords.stop()
 
 
-def test_sign_in_with_the_provider_button(new_session, sso_server) -> None:
-    server, provider = sso_server
+def test_sign_in_with_the_provider_button(new_session, sso_servers) -> None:
+    server, _, provider = sso_servers
     session = new_session()
     page = session.page
     page.goto(f"{server.base_url}/")
@@ -84,8 +98,8 @@ def test_sign_in_with_the_provider_button(new_session, sso_server) -> None:
     session.watch.assert_clean()
 
 
-def test_a_refused_sign_in_is_explained_on_the_sign_in_page(new_session, sso_server) -> None:
-    server, _ = sso_server
+def test_a_refused_sign_in_is_explained_on_the_sign_in_page(new_session, sso_servers) -> None:
+    server, _, _ = sso_servers
     session = new_session()
     page = session.page
     # A callback whose state Zeus never issued, as a forged or replayed link would be.
@@ -95,4 +109,28 @@ def test_a_refused_sign_in_is_explained_on_the_sign_in_page(new_session, sso_ser
     # The message is taken out of the address, so a reload does not show it again.
     assert "sso_error" not in page.url
     expect(page.get_by_role("link", name="Sign in with Test IdP")).to_be_visible()
+    session.watch.assert_clean()
+
+
+def test_with_password_login_off_only_the_button_is_offered(new_session, sso_servers) -> None:
+    _, server, provider = sso_servers
+    session = new_session()
+    page = session.page
+    page.goto(f"{server.base_url}/admin.html")
+    button = page.get_by_role("link", name="Sign in with Test IdP")
+    expect(button).to_be_visible()
+    form = page.locator("#login-form")
+    expect(form.get_by_label("Password")).to_be_hidden()
+    expect(form.get_by_role("button", name="Sign in", exact=True)).to_be_hidden()
+    save_screenshot(page, "sso-only-login")
+
+    button.click()
+    page.wait_for_url(f"http://localhost:{provider.port}/**")
+    # A new browser profile: the provider has no session for it and shows its form.
+    page.get_by_label("Username").fill("wanda")
+    page.get_by_label("Password").fill(USERS["wanda"]["password"])
+    page.get_by_role("button", name="Sign in").click()
+    # Back on the admin page it started from, signed in as admin.
+    expect(page.locator("#admin-view")).to_be_visible()
+    assert page.url.startswith(f"{server.base_url}/admin.html")
     session.watch.assert_clean()
