@@ -16,9 +16,11 @@ from tests.support.identity import (
     ADMIN_GROUP_CLAIM,
     CLIENT_ID,
     CLIENT_SECRET,
+    LDAP_PEOPLE,
     OidcProvider,
     oidc_provider_port,
     start_oidc_provider,
+    start_slapd,
 )
 from tests.support.live_server import LiveServer, start_live_server
 from tests.web.helpers import STATIC_DIR, save_screenshot
@@ -49,12 +51,19 @@ def _start_server(database_url: str, tiny_model_path: Path, log_dir: Path, provi
 def sso_servers(
     tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[LiveServer, LiveServer, OidcProvider]]:
-    """Two instances of Zeus on one fresh database, one with the password form and one with
-    ZEUS_PASSWORD_LOGIN=false, and the provider that knows both callbacks."""
+    """Two instances of Zeus on one fresh database, one with the password form (for local and
+    slapd's accounts) and one with ZEUS_PASSWORD_LOGIN=false, and the provider that knows both
+    callbacks."""
     provider_port = oidc_provider_port()
-    with fresh_database("websso") as database_url:
+    with (
+        fresh_database("websso") as database_url,
+        start_slapd(tmp_path_factory.mktemp("sso-slapd")) as slapd,
+    ):
         log_dir = tmp_path_factory.mktemp("sso-servers")
-        with_passwords = _start_server(database_url, tiny_model_path, log_dir, provider_port)
+        ldap_environment = {f"ZEUS_{name.upper()}": value for name, value in slapd.settings().items()}
+        with_passwords = _start_server(
+            database_url, tiny_model_path, log_dir, provider_port, **ldap_environment
+        )
         try:
             sso_only = _start_server(
                 database_url, tiny_model_path, log_dir, provider_port, ZEUS_PASSWORD_LOGIN="false"
@@ -80,7 +89,9 @@ def test_sign_in_with_the_provider_button(new_session, sso_servers) -> None:
     page.goto(f"{server.base_url}/")
     button = page.get_by_role("link", name="Sign in with Test IdP")
     expect(button).to_be_visible()
-    # The password form is still there beside it (ZEUS_PASSWORD_LOGIN defaults to true).
+    # The password form is still there beside it (ZEUS_PASSWORD_LOGIN defaults to true), for
+    # directory and local accounts.
+    expect(page.locator("#login-form").get_by_label("Username or email")).to_be_visible()
     expect(page.locator("#login-form").get_by_label("Password")).to_be_visible()
     save_screenshot(page, "sso-login-button")
 
@@ -134,3 +145,29 @@ def test_with_password_login_off_only_the_button_is_offered(new_session, sso_ser
     expect(page.locator("#admin-view")).to_be_visible()
     assert page.url.startswith(f"{server.base_url}/admin.html")
     session.watch.assert_clean()
+
+
+def test_the_form_signs_in_directory_and_local_accounts(new_session, sso_servers) -> None:
+    server, _, _ = sso_servers
+    local = server.create_account("local-admin@example.com", "admin")
+    for username, password, email in (
+        ("ada", LDAP_PEOPLE["ada"][0], "ada@zeus.test"),
+        # Not in the directory: the page tries the local account of that email.
+        (local.email, local.password, local.email),
+    ):
+        session = new_session()
+        page = session.page
+        page.goto(f"{server.base_url}/")
+        form = page.locator("#login-form")
+        expect(form.get_by_label("Username or email")).to_be_visible()
+        form.get_by_label("Username or email").fill(username)
+        form.get_by_label("Password").fill("wrong-password")
+        form.get_by_role("button", name="Sign in", exact=True).click()
+        expect(page.locator("#login-error")).to_have_text("Wrong username or password.")
+        form.get_by_label("Password").fill(password)
+        form.get_by_role("button", name="Sign in", exact=True).click()
+        expect(page.locator("#chat-view")).to_be_visible()
+        expect(page.locator("#user-email")).to_have_text(email)
+        # Both are admins: ada through the directory group, the local one by her role.
+        expect(page.locator("#admin-link")).to_be_visible()
+        session.watch.assert_clean()

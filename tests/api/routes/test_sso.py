@@ -22,7 +22,6 @@ from app.models import AuditEntry, SsoLogin, User
 from tests.api.conftest import PASSWORD, Zeus, serve_in_process, settings_for_tests
 from tests.support.identity import (
     ADMIN_GROUP_CLAIM,
-    LDAP_ADMIN_GROUP,
     LDAP_PEOPLE,
     LDAP_PEOPLE_BASE,
     OidcProvider,
@@ -418,7 +417,19 @@ async def test_ldap_with_a_dn_template_and_no_service_account(sso, slapd: Slapd)
                 json={"username": f"ada,{LDAP_PEOPLE_BASE}", "password": LDAP_PEOPLE["ada"][0]},
             )
             assert injected.status_code == 401
-    assert LDAP_ADMIN_GROUP  # the group check runs with the user's own bind in this setup
+            # Without a service account the group is read with the user's own bind.
+            ada = await client.post(
+                "/api/auth/ldap/login", json={"username": "ada", "password": LDAP_PEOPLE["ada"][0]}
+            )
+            assert ada.status_code == 200 and ada.json()["role"] == "admin"
+            with changed_settings(zeus, ldap_admin_group=f"cn=nobody,ou=groups,{LDAP_PEOPLE_BASE}"):
+                demoted = await client.post(
+                    "/api/auth/ldap/login", json={"username": "ada", "password": LDAP_PEOPLE["ada"][0]}
+                )
+                assert demoted.status_code == 200 and demoted.json()["role"] == "analyst"
+    assert audit_rows(zeus, email="ada@zeus.test", action_prefix="user.update")[-1].detail == (
+        "role admin->analyst (from ldap)"
+    )
 
 
 async def test_ldap_unreachable_directory_answers_503_and_failures_are_throttled(sso) -> None:
