@@ -63,17 +63,6 @@ class OidcProvider:
     client_secret: str
     users: dict[str, dict[str, Any]]
 
-    def settings(self, **extra: Any) -> dict[str, Any]:
-        """Zeus's settings for this provider (as Settings keyword arguments)."""
-        return {
-            "oidc_issuer": self.issuer,
-            "oidc_client_id": self.client_id,
-            "oidc_client_secret": self.client_secret,
-            "oidc_display_name": "Test IdP",
-            "oidc_scopes": "openid email profile groups",
-            **extra,
-        }
-
 
 def oidc_provider_port() -> int:
     """The provider's port, chosen before Zeus starts (Zeus needs the issuer, the provider needs
@@ -152,15 +141,6 @@ class Slapd:
             "ldap_admin_group": LDAP_ADMIN_GROUP,
             **extra,
         }
-
-    def connection(self) -> ldap3.Connection:
-        """As the directory's manager, for tests that change entries."""
-        return ldap3.Connection(
-            ldap3.Server(self.url),
-            user=f"cn=manager,{LDAP_BASE}",
-            password="manager-password",
-            auto_bind=True,
-        )
 
 
 def _ldif() -> str:

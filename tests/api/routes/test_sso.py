@@ -22,6 +22,8 @@ from app.models import AuditEntry, SsoLogin, User
 from tests.api.conftest import PASSWORD, Zeus, serve_in_process, settings_for_tests
 from tests.support.identity import (
     ADMIN_GROUP_CLAIM,
+    CLIENT_ID,
+    CLIENT_SECRET,
     LDAP_PEOPLE,
     LDAP_PEOPLE_BASE,
     OidcProvider,
@@ -63,8 +65,8 @@ async def sso(
         database_url,
         tiny_model_path,
         oidc_issuer=issuer,
-        oidc_client_id="zeus-tests",
-        oidc_client_secret="test-client-secret-7c1f9a3e5b",
+        oidc_client_id=CLIENT_ID,
+        oidc_client_secret=CLIENT_SECRET,
         oidc_display_name="Test IdP",
         oidc_scopes="openid email profile groups",
         oidc_admin_claim="groups",
