@@ -220,6 +220,24 @@ async def test_oidc_admin_role_follows_the_configured_claim(sso) -> None:
     assert details == ["role admin->analyst (from oidc)"]
 
 
+async def test_oidc_callback_may_reach_another_instance(sso) -> None:
+    """Behind nginx the provider's redirect lands on any instance: the sign-in started on one
+    instance is finished by another (the state lives in PostgreSQL, not in a process)."""
+    zeus, _ = sso
+    other_settings = zeus.state.settings.model_copy(update={"instance_name": "test-sso-second"})
+    async for other in serve_in_process(other_settings):
+        assert other.base_url != zeus.base_url
+        async with zeus.client() as client:
+            callback = await to_callback(client, zeus, "olivia")
+            # The same address on the second instance's port (cookies are per host, not per port).
+            response = await client.get(other.base_url + callback.removeprefix(zeus.base_url))
+            assert response.status_code == 303 and response.headers["location"] == "/", response.text
+            assert response.headers["x-zeus-instance"] == "test-sso-second"
+            # The session works on both instances.
+            assert (await client.get("/api/auth/me")).json()["email"] == "olivia@corp.test"
+            assert (await client.get(other.base_url + "/api/auth/me")).json()["email"] == "olivia@corp.test"
+
+
 async def test_oidc_refuses_a_bad_state_a_replay_and_another_browser(sso) -> None:
     zeus, _ = sso
     async with zeus.client() as client:
