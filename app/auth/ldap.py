@@ -97,7 +97,7 @@ def authenticate(settings: Settings, username: str, password: str) -> DirectoryU
     email_attribute = settings.ldap_email_attribute
     try:
         if settings.ldap_user_dn_template:
-            user_dn = settings.ldap_user_dn_template.format(username=escape_rdn(username))
+            user_dn = settings.ldap_user_dn_template.replace("{username}", escape_rdn(username))
             lookup = _connection(settings, server, user_dn, password)
             if not lookup.bind():
                 return _bind_failed(lookup)
