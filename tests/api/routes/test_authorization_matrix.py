@@ -72,6 +72,17 @@ MATRIX: dict[tuple[str, str], tuple[Request, tuple[int, int, int, int]]] = {
     ),
     ("POST", "/api/auth/logout"): (fixed("POST", "/api/auth/logout"), (204, 204, 204, 204)),
     ("GET", "/api/auth/me"): (fixed("GET", "/api/auth/me"), ANY_USER),
+    # Single sign-on: public; this server configures neither OIDC nor LDAP (tests/api/routes/test_sso.py).
+    ("GET", "/api/auth/providers"): (fixed("GET", "/api/auth/providers"), (200, 200, 200, 200)),
+    ("GET", "/api/auth/oidc/login"): (fixed("GET", "/api/auth/oidc/login"), (404, 404, 404, 404)),
+    ("GET", "/api/auth/oidc/callback"): (
+        fixed("GET", "/api/auth/oidc/callback?state=s&code=c"),
+        (404, 404, 404, 404),
+    ),
+    ("POST", "/api/auth/ldap/login"): (
+        fixed("POST", "/api/auth/ldap/login", {"username": "x", "password": "wrongpass"}),
+        (404, 404, 404, 404),
+    ),
     ("GET", "/api/conversations"): (fixed("GET", "/api/conversations"), ANY_USER),
     ("POST", "/api/conversations"): (fixed("POST", "/api/conversations", {}), (401, 201, 201, 201)),
     ("PATCH", "/api/conversations/{conversation_id}"): (on_conversation("PATCH", "", {"title": "t"}), OWNED),
