@@ -41,7 +41,17 @@ def _now_column() -> Mapped[datetime]:
 
 class User(Base):
     __tablename__ = "users"
-    __table_args__ = (CheckConstraint("role IN ('admin', 'analyst')", name="users_role_known"),)
+    __table_args__ = (
+        CheckConstraint("role IN ('admin', 'analyst')", name="users_role_known"),
+        CheckConstraint("auth_source IN ('local', 'oidc', 'ldap')", name="users_auth_source_known"),
+        Index(
+            "users_external_id",
+            "auth_source",
+            "external_id",
+            unique=True,
+            postgresql_where="external_id IS NOT NULL",
+        ),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     # Stored lower-cased, so the unique index is case-insensitive.
@@ -55,6 +65,31 @@ class User(Base):
     max_concurrent: Mapped[int | None] = mapped_column(Integer)
     daily_token_budget: Mapped[int | None] = mapped_column(BigInteger)
     monthly_token_budget: Mapped[int | None] = mapped_column(BigInteger)
+    # Who vouches for this account: "local" (its password hash), "oidc" or "ldap". SSO accounts
+    # hold an unusable password hash, so the password form can never open them.
+    auth_source: Mapped[str] = mapped_column(String(16), default="local", server_default="local")
+    # The provider's stable id: "ISSUER SUB" for OpenID Connect, the entry's DN for LDAP.
+    external_id: Mapped[str | None] = mapped_column(String(1024))
+
+
+class SsoLogin(Base):
+    """An OpenID Connect sign-in between the redirect to the provider and its callback. Kept in the
+    database, not in process memory, because the callback may reach another instance."""
+
+    __tablename__ = "sso_logins"
+    __table_args__ = (Index("sso_logins_expires_at", "expires_at"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    state: Mapped[str] = mapped_column(String(128), unique=True)
+    # SHA-256 of the random value in the browser's cookie: the callback must come from the browser
+    # that started the sign-in (otherwise an attacker could log a victim into the attacker's account).
+    browser_hash: Mapped[str] = mapped_column(String(64))
+    nonce: Mapped[str] = mapped_column(String(128))
+    code_verifier: Mapped[str] = mapped_column(String(128))
+    redirect_uri: Mapped[str] = mapped_column(String(2048))
+    next_path: Mapped[str] = mapped_column(String(512), default="/")
+    created_at: Mapped[datetime] = _now_column()
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class WebSession(Base):

@@ -133,3 +133,28 @@ def test_engine_settings_default_to_the_builtin_engine_and_refuse_unknown_values
     problems = error.value.problems
     assert any(line.startswith("ZEUS_ENGINE:") and "'tgi'" in line and "vllm" in line for line in problems)
     assert any(line.startswith("ZEUS_GPU_MEMORY_UTILIZATION:") for line in problems)
+
+
+def test_single_sign_on_settings_that_cannot_work_are_named() -> None:
+    def problems(**values: object) -> list[str]:
+        return Settings(_env_file=None, database_url="postgresql://z@db/zeus", **values).sso_problems()  # type: ignore[call-arg]
+
+    assert problems() == []
+    assert problems(password_login=False) == [
+        "ZEUS_PASSWORD_LOGIN=false with neither ZEUS_OIDC_ISSUER nor ZEUS_LDAP_URL set: nobody could sign in"
+    ]
+    assert problems(oidc_issuer="https://idp.example.org", oidc_scopes="email") == [
+        "ZEUS_OIDC_CLIENT_ID is not set: ZEUS_OIDC_ISSUER needs the client's id",
+        "ZEUS_OIDC_SCOPES must include openid (got 'email')",
+    ]
+    assert problems(oidc_issuer="https://idp", oidc_client_id="zeus", oidc_admin_claim="groups") == [
+        "ZEUS_OIDC_ADMIN_CLAIM is set but ZEUS_OIDC_ADMIN_VALUES is empty"
+    ]
+    ldap = problems(ldap_url="ldap://dir", ldap_user_filter="(uid=x)", ldap_bind_dn="cn=zeus")
+    assert ldap == [
+        "LDAP needs ZEUS_LDAP_USER_BASE (search for the user) or ZEUS_LDAP_USER_DN_TEMPLATE "
+        "(bind with uid={username},...)",
+        "ZEUS_LDAP_USER_FILTER must contain {username}",
+        "ZEUS_LDAP_BIND_DN is set but ZEUS_LDAP_BIND_PASSWORD is not",
+    ]
+    assert problems(ldap_url="ldap://dir", ldap_user_base="dc=x", password_login=False) == []

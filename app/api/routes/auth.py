@@ -14,14 +14,15 @@ from app.api.deps import (
     StateDep,
     check_origin,
     client_address,
-    request_is_https,
+    set_session_cookie,
 )
 from app.api.errors import COMMON_RESPONSES, ErrorBody
+from app.api.routes.sso import refuse_password_login
 from app.api.schemas import LoginBody, PasswordChange, UserOut
 from app.auth import throttle
 from app.auth.accounts import audit, end_session, find_user, rehash_if_needed, start_session
 from app.auth.passwords import hash_password, password_problem, verify_password
-from app.auth.tokens import sha256_hex, sign_session_token, unsign_session_cookie
+from app.auth.tokens import sha256_hex, unsign_session_cookie
 from app.models import User, WebSession
 
 router = APIRouter(prefix="/api/auth", tags=["auth"], responses=COMMON_RESPONSES)
@@ -39,13 +40,18 @@ class _LoginOutcome:
 @router.post(
     "/login",
     response_model=UserOut,
-    responses={429: {"model": ErrorBody, "description": "too many failed logins; see Retry-After"}},
+    responses={
+        403: {"model": ErrorBody, "description": "disabled account, or password login turned off"},
+        429: {"model": ErrorBody, "description": "too many failed logins; see Retry-After"},
+    },
 )
 def login(body: LoginBody, request: Request, response: Response, state: StateDep, db: SessionDep) -> UserOut:
     check_origin(request)
     email = body.email.strip().lower()
     address = client_address(request)
     settings = state.settings
+    if not settings.password_login:
+        refuse_password_login(db, settings, email=email, address=address)
     with db.begin():
         throttle.lock_account(db, email)
         outcome = _LoginOutcome(status=401, message="wrong email or password")
@@ -73,16 +79,7 @@ def login(body: LoginBody, request: Request, response: Response, state: StateDep
     if outcome.status != 200 or outcome.user is None or outcome.token is None:
         headers = {"Retry-After": str(outcome.retry_after_s)} if outcome.retry_after_s else None
         raise HTTPException(outcome.status, outcome.message, headers)
-    assert settings.secret_key is not None
-    response.set_cookie(
-        SESSION_COOKIE,
-        sign_session_token(outcome.token, settings.secret_key.get_secret_value()),
-        max_age=settings.session_ttl_s,
-        httponly=True,
-        samesite="strict",
-        secure=settings.cookie_secure or request_is_https(request),
-        path="/",
-    )
+    set_session_cookie(response, request, settings, outcome.token)
     return outcome.user
 
 

@@ -1,7 +1,7 @@
 """quotas and fair share: per-user and per-key limits and budgets, API key expiry, generation leases
 
 Revision ID: 0004_quota
-Revises: 0002
+Revises: 0003_sso
 Create Date: 2026-11-29 22:40:54.058150
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0004_quota"
-down_revision = "0002"
+down_revision = "0003_sso"
 branch_labels = None
 depends_on = None
 

@@ -92,6 +92,17 @@ MATRIX: dict[tuple[str, str], tuple[Request, tuple[int, int, int, int]]] = {
         on_key("PATCH", "/api/admin/api-keys", {"max_concurrent": None}),
         ADMIN_ONLY,
     ),
+    # Single sign-on: public; this server configures neither OIDC nor LDAP (tests/api/routes/test_sso.py).
+    ("GET", "/api/auth/providers"): (fixed("GET", "/api/auth/providers"), (200, 200, 200, 200)),
+    ("GET", "/api/auth/oidc/login"): (fixed("GET", "/api/auth/oidc/login"), (404, 404, 404, 404)),
+    ("GET", "/api/auth/oidc/callback"): (
+        fixed("GET", "/api/auth/oidc/callback?state=s&code=c"),
+        (404, 404, 404, 404),
+    ),
+    ("POST", "/api/auth/ldap/login"): (
+        fixed("POST", "/api/auth/ldap/login", {"username": "x", "password": "wrongpass"}),
+        (404, 404, 404, 404),
+    ),
     ("GET", "/api/conversations"): (fixed("GET", "/api/conversations"), ANY_USER),
     ("DELETE", "/api/conversations"): (fixed("DELETE", "/api/conversations"), (401, 204, 204, 204)),
     ("GET", "/api/conversations/defaults"): (fixed("GET", "/api/conversations/defaults"), ANY_USER),
