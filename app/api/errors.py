@@ -150,6 +150,7 @@ def describe_validation_errors(errors: list[dict]) -> tuple[str, str | None, str
     first_field: str | None = None
     first_code: str | None = None
     seen: set[str] = set()
+    named: list[tuple[str, dict]] = []
     for item in errors:
         kind = str(item.get("type", ""))
         if kind == "json_invalid":
@@ -161,7 +162,20 @@ def describe_validation_errors(errors: list[dict]) -> tuple[str, str | None, str
         if kind in ("union_tag_invalid", "union_tag_not_found"):
             # The error sits on the message; the field at fault is its tag ("role", "type").
             location.append(str(item.get("ctx", {}).get("discriminator", "")).strip("'"))
-        field = openai_param(location) or "body"
+        named.append((openai_param(location) or "body", item))
+    # A value that matched one member of a union by type ("stop": a list of 17 strings) fails the
+    # other members by type too: only the member's own complaint is worth reading.
+    typed_right = [
+        field for field, item in named if _validation_code(str(item.get("type"))) != "invalid_type"
+    ]
+
+    def matched_another_member(field: str) -> bool:
+        return any(other == field or other.startswith((f"{field}.", f"{field}[")) for other in typed_right)
+
+    for field, item in named:
+        kind = str(item.get("type", ""))
+        if _validation_code(kind) == "invalid_type" and matched_another_member(field):
+            continue
         if kind == "extra_forbidden":
             line = f"Unknown parameter: '{field}'"
         else:
