@@ -204,7 +204,11 @@ def test_message_content_as_text_parts_and_roles_for_the_template() -> None:
             "role": "assistant",
             "content": "",
             "tool_calls": [
-                {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "weather", "arguments": {"city": "Oslo"}},
+                }
             ],
         },
         {"role": "tool", "content": "-3 C", "tool_call_id": "call_1"},
