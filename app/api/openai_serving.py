@@ -38,7 +38,7 @@ from app.api.openai_protocol import (
 )
 from app.api.serving import ChoiceState, Generation, UsageOwner, sse, stream_response
 from app.inference.contract import EngineInfo, ToolCall
-from app.inference.types import GenerationRequest, SamplingParams, StructuredOutput
+from app.inference.types import EngineError, GenerationRequest, SamplingParams, StructuredOutput
 from app.state import ZeusState
 
 log = logging.getLogger("zeus.openai")
@@ -65,6 +65,17 @@ def _max_tokens(state: ZeusState, requested: int | None, default: int, param: st
             "invalid_value",
         )
     return requested or min(default, limit)
+
+
+def _fit_default(state: ZeusState, request: GenerationRequest, default: int) -> int:
+    """Without max_tokens, a reply may use what the context leaves after the prompt (up to the
+    default), as vLLM's default does: clients that never set it (LangChain's ChatOpenAI) must not
+    be refused a long conversation that still fits."""
+    try:
+        prompt_tokens = state.engine.count_prompt_tokens(request)
+    except EngineError:
+        return default  # submit() names the problem
+    return max(1, min(default, state.engine.context_length - prompt_tokens))
 
 
 def _check_common(state: ZeusState, body: SamplingFields, prompts: int) -> None:
@@ -253,6 +264,10 @@ async def create_chat_completion(
     tool_definitions = (
         tuple(tool.model_dump(exclude_none=True) for tool in body.tools) if body.tools else None
     )
+    if body.requested_max_tokens is None:
+        max_tokens = _fit_default(
+            state, GenerationRequest(messages=messages, tools=tool_definitions), max_tokens
+        )
     requests = []
     for index in range(body.choices_per_prompt):
         params = body.sampling_params(max_tokens=max_tokens, logprobs=logprobs, structured=structured)

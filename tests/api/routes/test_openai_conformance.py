@@ -24,6 +24,7 @@ import pytest_asyncio
 from sqlalchemy import select
 
 from app.db import transaction
+from app.inference.types import GenerationRequest
 from app.models import Usage
 from tests.api.conftest import Member, Zeus, parse_sse, serve_in_process, settings_for_tests
 
@@ -458,27 +459,62 @@ async def test_cors_is_off_by_default(raw: httpx.AsyncClient) -> None:
     assert "access-control-allow-origin" not in preflight.headers
 
 
-async def test_cors_allows_the_configured_origins(
-    database_url: str, tiny_model_path: Path, zeus: Zeus
-) -> None:
-    settings = settings_for_tests(database_url, tiny_model_path, cors_origins="https://app.example.org")
+@pytest_asyncio.fixture(scope="module")
+async def configured(database_url: str, tiny_model_path: Path) -> AsyncIterator[Zeus]:
+    """A server with CORS on, and prompts allowed up to nearly the model's context (2048)."""
+    settings = settings_for_tests(
+        database_url, tiny_model_path, cors_origins="https://app.example.org", max_input_tokens=2040
+    )
     async for server in serve_in_process(settings):
-        async with server.client() as client:
-            allowed = await client.options(
-                "/api/v1/chat/completions",
-                headers={
-                    "Origin": "https://app.example.org",
-                    "Access-Control-Request-Method": "POST",
-                    "Access-Control-Request-Headers": "authorization,content-type",
-                },
-            )
-            assert allowed.status_code == 200
-            assert allowed.headers["access-control-allow-origin"] == "https://app.example.org"
-            other = await client.options(
-                "/api/v1/chat/completions",
-                headers={"Origin": "https://evil.example.com", "Access-Control-Request-Method": "POST"},
-            )
-            assert "access-control-allow-origin" not in other.headers
+        yield server
+
+
+async def test_cors_allows_the_configured_origins(configured: Zeus) -> None:
+    async with configured.client() as client:
+        allowed = await client.options(
+            "/api/v1/chat/completions",
+            headers={
+                "Origin": "https://app.example.org",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type",
+            },
+        )
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == "https://app.example.org"
+        other = await client.options(
+            "/api/v1/chat/completions",
+            headers={"Origin": "https://evil.example.com", "Access-Control-Request-Method": "POST"},
+        )
+        assert "access-control-allow-origin" not in other.headers
+
+
+async def test_without_max_tokens_a_long_prompt_gets_what_the_context_leaves(configured: Zeus) -> None:
+    member = configured.member()
+    context = configured.engine.context_length
+
+    def size(words: int) -> int:
+        messages = ({"role": "user", "content": "word " * words},)
+        return configured.engine.count_prompt_tokens(GenerationRequest(messages=messages))
+
+    low, high = 1, 8 * context  # the most words whose prompt leaves at least 10 tokens of context
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if size(middle) <= context - 10 else (low, middle - 1)
+    assert context - 20 < size(low) <= context - 10
+    messages = [{"role": "user", "content": "word " * low}]
+    async with configured.client(headers=member.bearer) as client:
+        fitted = await client.post(
+            "/api/v1/chat/completions",
+            json={"model": configured.engine.model_name, "messages": messages, "ignore_eos": True},
+        )
+        assert fitted.status_code == 200, fitted.text
+        usage = fitted.json()["usage"]
+        assert usage["prompt_tokens"] + usage["completion_tokens"] == context
+        explicit = await client.post(
+            "/api/v1/chat/completions",
+            json={"model": configured.engine.model_name, "messages": messages, "max_tokens": 64},
+        )
+        assert error_of(explicit)["code"] == "context_length_exceeded"
 
 
 # ----- one lifecycle for both doors ------------------------------------------------------------------------
