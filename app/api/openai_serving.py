@@ -116,7 +116,7 @@ def _failed(generation: Generation) -> bool:
 # ----- chat completions -----------------------------------------------------------------------
 
 
-class _ToolMode:
+class ToolMode:
     """How tool calls come out of this request: not at all, parsed by the engine's parser from
     free text ("auto"), or forced by a JSON schema ("required", or one named function) and
     parsed here, as vLLM does for tool_choice required and named."""
@@ -243,7 +243,7 @@ async def create_chat_completion(
     body.check_supported()
     _check_common(state, body, prompts=1)
     info = state.engine.info()
-    tools = _ToolMode(body, info)
+    tools = ToolMode(body, info)
     structured = _response_format(body, info)
     if tools.forced:
         if structured is not None:
@@ -333,7 +333,7 @@ async def _chat_chunks(
     body: ChatCompletionRequest,
     generation: Generation,
     requests: list[GenerationRequest],
-    tools: _ToolMode,
+    tools: ToolMode,
     completion_id: str,
     created: int,
     info: EngineInfo,
