@@ -262,6 +262,13 @@ class SamplingFields(OpenAIRequestModel):
                 raise ValueError(f"bias for token {key} is {bias}: allowed is -100 to 100")
         return value
 
+    def check_stream_options(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            # As OpenAI's API and vLLM answer: the options would have nothing to act on.
+            raise refuse(
+                "stream_options", "stream_options is only allowed when stream is true", code="invalid_value"
+            )
+
     def stop_sequences(self) -> tuple[str, ...]:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return tuple(item for item in stop if item)
@@ -343,6 +350,7 @@ class ChatCompletionRequest(SamplingFields):
 
     def check_supported(self) -> None:
         """Refuses what no engine of Zeus honours (400 naming the field)."""
+        self.check_stream_options()
         if self.store:
             raise refuse("store", "store: Zeus does not store completions; send false or leave it out")
         if self.service_tier not in (None, "auto", "default"):
@@ -432,6 +440,7 @@ class CompletionRequest(SamplingFields):
         raise refuse("prompt", "prompt: token id arrays are not supported; send the prompt as text")
 
     def check_supported(self) -> None:
+        self.check_stream_options()
         self.prompts()
         if self.best_of is not None and self.best_of not in (1, self.choices_per_prompt):
             raise refuse(

@@ -169,6 +169,13 @@ def test_features_zeus_lacks_are_refused_naming_the_field(field: str, value: obj
     assert field in str(refused.value.detail)
 
 
+def test_stream_options_need_stream() -> None:
+    chat(stream=True, stream_options={"include_usage": True, "include_obfuscation": False}).check_supported()
+    with pytest.raises(ApiError) as refused:
+        chat(stream_options={"include_usage": True}).check_supported()
+    assert refused.value.param == "stream_options"
+
+
 def test_what_zeus_does_anyway_is_accepted() -> None:
     chat(
         store=False, service_tier="auto", modalities=["text"], user="u-1", parallel_tool_calls=True
