@@ -177,7 +177,7 @@ def describe_validation_errors(errors: list[dict]) -> tuple[str, str | None, str
         if _validation_code(kind) == "invalid_type" and matched_another_member(field):
             continue
         if kind == "extra_forbidden":
-            line = f"Unknown parameter: '{field}'"
+            line = f"Unrecognized request argument supplied: {field}"
         else:
             line = f"{field}: {item.get('msg', 'invalid')}"
         if line in seen:

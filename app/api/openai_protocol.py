@@ -7,8 +7,9 @@ Rules, the same for every field:
   field optional or nullable (generated clients send explicit nulls) and means "the default".
 - A field Zeus cannot honour is still declared here (so that the schema shows it) and refused
   with a 400 naming it, unless it is null or its value is one Zeus honours; nothing is dropped.
-- An unknown field is refused with 400 `unknown_parameter` naming it, as OpenAI's API answers
-  ("Unknown parameter: 'foo'."): a misspelt `max_token` must not silently run with the default.
+- An unknown field is refused with 400 naming it, as OpenAI's API answers ("Unrecognized request
+  argument supplied: foo"; Zeus also sets `param` and the code `unknown_parameter`): a misspelt
+  `max_token` must not silently run with the default.
   (vLLM instead ignores unknown fields with a warning in its log; a client never sees that.)
 """
 

@@ -125,7 +125,11 @@ def test_logprobs_fields() -> None:
 
 def test_unknown_fields_are_refused_by_name() -> None:
     message, param, code = errors_of({"model": "m", "messages": USER, "max_token": 5})
-    assert (message, param, code) == ("Unknown parameter: 'max_token'", "max_token", "unknown_parameter")
+    assert (message, param, code) == (
+        "Unrecognized request argument supplied: max_token",
+        "max_token",
+        "unknown_parameter",
+    )
     message, param, code = errors_of(
         {"model": "m", "messages": [{"role": "user", "content": "x", "mood": 1}]}
     )

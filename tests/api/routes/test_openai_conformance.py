@@ -207,7 +207,7 @@ async def test_prompt_over_the_limit_says_context_length_exceeded(
 async def test_unknown_fields_are_refused_as_openai_does(raw: httpx.AsyncClient, zeus: Zeus) -> None:
     error = error_of(await raw.post("/api/v1/chat/completions", json=body(zeus, max_token=5)))
     assert error == {
-        "message": "Unknown parameter: 'max_token'",
+        "message": "Unrecognized request argument supplied: max_token",
         "type": "invalid_request_error",
         "param": "max_token",
         "code": "unknown_parameter",
