@@ -43,7 +43,6 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
