@@ -280,7 +280,7 @@ async def create_chat_completion(
                 tools=tool_definitions,
             )
         )
-    generation = Generation.submit(state, requests, _owner(caller))
+    generation = await Generation.submit(state, requests, _owner(caller))
     created = int(time.time())
     if body.stream:
         events = _chat_chunks(state, body, generation, requests, tools, completion_id, created, info)
@@ -429,7 +429,7 @@ async def create_completion(
             )
             groups.append(prompt_index)
             echoes.append(prompt if body.echo else "")
-    generation = Generation.submit(state, requests, _owner(caller), prompt_groups=groups)
+    generation = await Generation.submit(state, requests, _owner(caller), prompt_groups=groups)
     created = int(time.time())
     if body.stream:
         events = _completion_chunks(body, generation, echoes, completion_id, created, info)

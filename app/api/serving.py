@@ -2,7 +2,7 @@
 submit to the engine, consume the stream, classify the outcome, record usage, and handle a
 client that leaves. The routes only turn what comes out into their own events.
 
-    generation = Generation.submit(state, requests, owner)   # raises ApiError (400/429/503)
+    generation = await Generation.submit(state, requests, owner)  # ApiError (400/429/503)
     async for index, delta in generation.deltas(): ...       # streamed: merged across choices
     await generation.collect(request)                        # not streamed: watches for a disconnect
     stream_response(events, generation)                      # SSE that always closes the generation
@@ -172,7 +172,7 @@ class Generation:
         self._on_finish: list[Callable[[Generation], Awaitable[None]]] = []
 
     @classmethod
-    def submit(
+    async def submit(
         cls,
         state: ZeusState,
         requests: list[GenerationRequest],
@@ -181,7 +181,8 @@ class Generation:
     ) -> Generation:
         """Submits every request or none: when one is refused, those already queued are cancelled
         and the refusal is raised (an ApiError). prompt_groups[i]: which prompt request i answers
-        (choices of one prompt count its tokens once)."""
+        (choices of one prompt count its tokens once). Async so that an admission step (fair
+        share, quotas) may wait here before each submission."""
         streams: list[RequestStream] = []
         try:
             for request in requests:

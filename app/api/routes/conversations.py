@@ -319,7 +319,7 @@ async def _start_reply(
         messages=prepared.history, params=params, request_id=f"msg-{prepared.assistant_message_id}"
     )
     try:
-        generation = Generation.submit(state, [request], UsageOwner(caller_user_id, api_key_id, "chat"))
+        generation = await Generation.submit(state, [request], UsageOwner(caller_user_id, api_key_id, "chat"))
     except HTTPException:
         await in_thread(_discard, state, prepared)
         raise
