@@ -106,6 +106,12 @@ class Settings(BaseSettings):
     cookie_secure: bool = False
     session_ttl_s: PositiveInt = 7 * 24 * 3600
     max_body_bytes: PositiveInt = 1_000_000
+    # OpenAI's `n`: choices generated for one request (each is a submission to the engine).
+    max_n: Annotated[int, Field(ge=1, le=128)] = 8
+    # Browser origins allowed to call the API cross-origin (CORS), comma-separated, e.g.
+    # "https://app.example.org,https://notebooks.example.org"; empty (the default): CORS off.
+    # Cookies are never sent cross-origin: such callers authenticate with an API key.
+    cors_origins: str = ""
     static_dir: Path | None = None
     # While streaming, the partial reply is written and the stop flag read this often.
     stream_flush_interval_s: Annotated[float, Field(gt=0, le=2.0)] = 1.0
@@ -182,6 +188,10 @@ class Settings(BaseSettings):
         if not value.startswith(("postgresql://", "postgresql+psycopg2://", "postgres://")):
             raise ValueError("ZEUS_DATABASE_URL must be a postgresql:// URL")
         return value
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip().rstrip("/") for origin in self.cors_origins.split(",") if origin.strip()]
 
     @property
     def resolved_instance_name(self) -> str:

@@ -16,11 +16,12 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import func, update
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import error_bytes, install_error_handlers
+from app.api.errors import drop_validation_422, error_bytes, install_error_handlers
 from app.api.routes import admin, auth, conversations, health, keys, openai, sso, usage
 from app.config import ConfigError, Settings, load_settings
 from app.db import create_db_engine, session_factory, transaction
@@ -119,6 +120,28 @@ class ZeusMiddleware:
             state.metrics.http_duration.labels(method, template).observe(time.monotonic() - started)
 
 
+class HeadAsGet:
+    """HEAD wherever GET is served (FastAPI routes answer GET only): the request runs as a GET
+    and only the status and headers go out."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, send_headers_only)
+
+
 def _mark_down(state: ZeusState) -> None:
     """A clean stop shows the instance as down at once instead of after the stale timeout."""
     with transaction(state.sessions) as db:
@@ -176,6 +199,13 @@ def build_app(settings: Settings, engine) -> FastAPI:  # engine: app.inference.I
     )
     app.state.zeus = state
     install_error_handlers(app)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = drop_validation_422(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     for router in (
         health.router,
         auth.router,
@@ -190,7 +220,19 @@ def build_app(settings: Settings, engine) -> FastAPI:  # engine: app.inference.I
         app.include_router(router)
     if settings.static_dir is not None:
         app.mount("/", StaticFiles(directory=settings.static_dir, html=True), name="static")
+    if settings.cors_origin_list:
+        # Off unless origins are named; no credentials: cross-origin callers send an API key.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["Retry-After", "X-Zeus-Instance"],
+            allow_credentials=False,
+            max_age=600,
+        )
     app.add_middleware(ZeusMiddleware, state=state)
+    app.add_middleware(HeadAsGet)
     return app
 
 

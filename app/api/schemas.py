@@ -1,4 +1,4 @@
-"""Request and response bodies of the web app's API (the OpenAI ones live in routes/openai.py)."""
+"""Request and response bodies of the web app's API (the OpenAI ones live in openai_protocol.py)."""
 
 from __future__ import annotations
 

@@ -67,7 +67,7 @@ async def test_engine_full_answers_429_with_retry_after(zeus: Zeus, analyst: Mem
             full = await client.post("/api/v1/chat/completions", json=long_completion(zeus))
             assert full.status_code == 429
             assert int(full.headers["retry-after"]) >= 1
-            assert full.json()["error"]["type"] == "rate_limit_exceeded"
+            assert full.json()["error"]["code"] == "rate_limit_exceeded"
             conversation = (await client.post("/api/conversations", json={})).json()["id"]
             chat = await client.post(f"/api/conversations/{conversation}/messages", json={"content": "hi"})
             assert chat.status_code == 429 and "busy" in chat.json()["detail"]
@@ -143,9 +143,12 @@ async def test_malformed_input_is_422_naming_the_field(zeus: Zeus, analyst: Memb
         openai_style = await client.post(
             "/api/v1/chat/completions", json={"model": zeus.engine.model_name, "messages": [], "top_p": 5}
         )
-        assert openai_style.status_code == 422
+        # OpenAI and vLLM answer 400 (422 is FastAPI's own), which OpenAI's clients expect.
+        assert openai_style.status_code == 400
         error = openai_style.json()["error"]
-        assert error["param"] == "messages" and "top_p" in error["message"]
+        # Both faults are named; `param` is the first of them.
+        assert error["param"] in ("messages", "top_p")
+        assert "messages" in error["message"] and "top_p" in error["message"]
 
 
 async def test_stream_disconnect_frees_the_slot(zeus: Zeus, analyst: Member) -> None:

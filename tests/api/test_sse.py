@@ -6,7 +6,7 @@ import json
 
 import httpx
 
-from app.api.generation import sse
+from app.api.serving import sse
 
 
 def test_text_with_unicode_line_separators_stays_one_event_line() -> None:

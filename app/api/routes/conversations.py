@@ -29,14 +29,6 @@ from sqlalchemy.orm import Session
 
 from app.api.deps import AdminDep, CallerDep, SessionDep, StateDep
 from app.api.errors import COMMON_RESPONSES, ErrorBody
-from app.api.generation import (
-    GuardedStreamingResponse,
-    admitted_submit,
-    in_thread,
-    in_thread_shielded,
-    record_usage,
-    sse,
-)
 from app.api.schemas import (
     ChatDefaults,
     ConversationCreate,
@@ -49,8 +41,9 @@ from app.api.schemas import (
     SearchMatch,
     StopOut,
 )
+from app.api.serving import Generation, UsageOwner, in_thread, sse, stream_response
 from app.db import transaction
-from app.inference.types import GenerationRequest, GenerationResult, SamplingParams, TextDelta
+from app.inference.types import GenerationRequest, GenerationResult, SamplingParams
 from app.models import (
     MESSAGE_SEARCH_VECTOR,
     SEARCH_CONFIG,
@@ -670,129 +663,79 @@ async def _start_reply(
         messages=prepared.history, params=prepared.params, request_id=f"msg-{prepared.assistant_message_id}"
     )
     try:
-        stream = await admitted_submit(state, request, user_id=caller_user_id, api_key_id=api_key_id)
+        generation = await Generation.submit(state, [request], UsageOwner(caller_user_id, api_key_id, "chat"))
     except HTTPException:
         await in_thread(_discard, state, prepared)
         raise
     submitted_at = time.monotonic()
     if prepared.replace_from_id is not None:
         await in_thread(_replace_later_turns, state, conversation_id, prepared)
-    started = asyncio.Event()
-    events = _reply_events(
-        state, caller_user_id, api_key_id, conversation_id, prepared, stream, submitted_at, started
-    )
 
-    async def close() -> None:
-        stream.cancel()
-        if not started.is_set():  # the client left first: record the outcome the generator could not
-            try:
-                await in_thread(
-                    _save_final, state, prepared.assistant_message_id, conversation_id, "", "stopped", None, 0
-                )
-            except Exception as error:
-                log.warning("reply %s not saved: %s", prepared.assistant_message_id, error)
+    async def save(finished: Generation) -> None:
+        # The serving layer runs this once, however the reply ended (the client gone included).
+        choice = finished.choices[0]
+        await in_thread(
+            _save_final,
+            state,
+            prepared.assistant_message_id,
+            conversation_id,
+            choice.text,
+            finished.status,
+            choice.result,
+            choice.generated_tokens,
+        )
 
-    return GuardedStreamingResponse(events, close)
+    generation.on_finish(save)
+    return stream_response(_reply_events(state, prepared, generation, submitted_at), generation)
 
 
 async def _reply_events(
-    state: ZeusState,
-    user_id: int,
-    api_key_id: int | None,
-    conversation_id: int,
-    prepared: _PreparedReply,
-    stream: Any,
-    submitted_at: float,
-    started: asyncio.Event,
+    state: ZeusState, prepared: _PreparedReply, generation: Generation, submitted_at: float
 ) -> AsyncIterator[str]:
-    started.set()
     message_id = prepared.assistant_message_id
     stop = asyncio.Event()
     state.local_stops[message_id] = stop
-    pieces: list[str] = []
-    completion_tokens = 0
-    result: GenerationResult | None = None
-    failure: str | None = None
 
     async def flush_and_poll() -> None:
         interval = state.settings.stream_flush_interval_s
         while True:
             await asyncio.sleep(interval)
             try:
-                if await in_thread(_flush_partial, state, message_id, "".join(pieces)):
+                if await in_thread(_flush_partial, state, message_id, generation.choices[0].text):
                     stop.set()
             except Exception as error:  # a database hiccup must not end the reply
                 log.warning("partial reply %s not flushed: %s", message_id, error)
             if stop.is_set():
-                stream.cancel()
+                generation.stop()
                 return
 
     async def wait_for_stop() -> None:
         await stop.wait()
-        stream.cancel()
+        generation.stop()
 
     flusher = asyncio.create_task(flush_and_poll())
     stopper = asyncio.create_task(wait_for_stop())
     try:
         yield sse("start", {"user_message_id": prepared.user_message_id, "assistant_message_id": message_id})
-        async for item in stream:
-            if isinstance(item, TextDelta):
-                pieces.append(item.text)
-                completion_tokens += item.token_count
-                if item.text:
-                    yield sse("delta", {"text": item.text})
-            elif isinstance(item, GenerationResult):
-                result = item
-    except asyncio.CancelledError:
-        failure = "client disconnected"
-        raise
-    except Exception as error:
-        log.error("reply %s failed", message_id, exc_info=error)
-        failure = f"generation failed: {type(error).__name__}"
+        async for _, delta in generation.deltas():
+            if delta.text:
+                yield sse("delta", {"text": delta.text})
     finally:
         flusher.cancel()
         stopper.cancel()
-        stream.cancel()
         state.local_stops.pop(message_id, None)
-        text = "".join(pieces)
-        if result is not None and result.text:
-            text = result.text
-        if failure and failure != "client disconnected":
-            status = "error"
-        elif stop.is_set() or failure or result is None or result.finish_reason == "cancelled":
-            status = "stopped"
-        elif result.finish_reason == "error":
-            status = "error"
-        else:
-            status = "complete"
-        try:
-            await in_thread_shielded(
-                _save_final, state, message_id, conversation_id, text, status, result, completion_tokens
-            )
-        except Exception as error:  # the heartbeat sweep marks it interrupted; the text flushed so far stays
-            log.warning("reply %s not saved: %s", message_id, error)
-        await in_thread_shielded(
-            lambda: record_usage(
-                state,
-                user_id=user_id,
-                api_key_id=api_key_id,
-                source="chat",
-                status=status,
-                prompt_tokens=result.prompt_tokens if result else 0,
-                completion_tokens=result.completion_tokens if result else completion_tokens,
-            )
-        )
-    if status == "error":
-        message = failure or (result.error if result else None) or "generation failed"
-        yield sse("error", {"status": "error", "message": message})
+    if generation.status == "error":
+        yield sse("error", {"status": "error", "message": generation.error_message})
         return
+    choice = generation.choices[0]
+    result = choice.result
     yield sse(
         "done",
         {
-            "status": status,
+            "status": generation.status,
             "finish_reason": result.finish_reason if result else "cancelled",
             "prompt_tokens": result.prompt_tokens if result else None,
-            "completion_tokens": result.completion_tokens if result else completion_tokens,
+            "completion_tokens": choice.generated_tokens,
             "ttft_ms": round(result.ttft_s * 1000, 1) if result and result.ttft_s is not None else None,
             "duration_ms": round((time.monotonic() - submitted_at) * 1000, 1),
         },

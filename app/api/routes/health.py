@@ -6,8 +6,8 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
 from app.api.deps import StateDep
-from app.api.generation import in_thread
 from app.api.schemas import EngineOut, HealthOut, QueueOut
+from app.api.serving import in_thread
 from app.db import UNAVAILABLE_ERRORS, describe_db_error, ping
 
 router = APIRouter(tags=["health"])

@@ -165,6 +165,11 @@ MATRIX: dict[tuple[str, str], tuple[Request, tuple[int, int, int, int]]] = {
     ("GET", "/api/admin/audit"): (fixed("GET", "/api/admin/audit"), ADMIN_ONLY),
     ("GET", "/api/v1/models"): (fixed("GET", "/api/v1/models"), ANY_USER),
     ("POST", "/api/v1/chat/completions"): (fixed("POST", "/api/v1/chat/completions", COMPLETION), ANY_USER),
+    ("GET", "/api/v1/models/{model}"): (fixed("GET", "/api/v1/models/tiny-model"), ANY_USER),
+    ("POST", "/api/v1/completions"): (
+        fixed("POST", "/api/v1/completions", {"model": "tiny-model", "prompt": "hi", "max_tokens": 4}),
+        ANY_USER,
+    ),
 }
 
 

@@ -112,17 +112,17 @@ async def test_errors_use_openais_shape(client: openai.AsyncOpenAI, zeus: Zeus) 
             model=zeus.engine.model_name, messages=[{"role": "user", "content": "hi"}], max_tokens=10_000
         )
     assert "10000" in too_many.value.message
-    with pytest.raises(openai.UnprocessableEntityError) as bad_role:
+    with pytest.raises(openai.BadRequestError) as bad_role:
         await client.chat.completions.create(
             model=zeus.engine.model_name, messages=[{"role": "wizard", "content": "x"}]
         )
-    assert bad_role.value.body["param"] == "messages.0.role"
+    assert bad_role.value.body["param"] == "messages[0].role"
     anonymous = openai.AsyncOpenAI(base_url=f"{zeus.base_url}/api/v1", api_key="zk-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         await anonymous.models.list()
     async with httpx.AsyncClient(base_url=zeus.base_url) as raw:
         body = (await raw.get("/api/v1/models")).json()
-    assert body["error"]["type"] == "authentication_error" and body["error"]["message"]
+    assert body["error"]["code"] == "invalid_api_key" and body["error"]["message"]
 
 
 async def test_usage_is_recorded_per_user(zeus: Zeus, admin: Member) -> None:
