@@ -51,6 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--kv-cache-gb", type=float, default=2.0, help="vLLM's KV cache (CPU hosts)")
     parser.add_argument("--threads", type=int, default=None, help="the built-in engine's torch threads")
+    parser.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="vLLM without torch.compile or graphs (both vLLM systems)",
+    )
     parser.add_argument("--ready-timeout", type=float, default=600.0)
     parser.add_argument("--no-progress", action="store_true")
 
@@ -74,6 +79,7 @@ def _zeus_env(arguments: argparse.Namespace, engine: str) -> dict[str, str]:
         ZEUS_MAX_NEW_TOKENS=str(arguments.output_len),
         ZEUS_MAX_MODEL_LEN=str(arguments.max_model_len),
         ZEUS_KV_CACHE_GB=str(arguments.kv_cache_gb),
+        ZEUS_ENFORCE_EAGER="true" if arguments.enforce_eager else "false",
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
     )
@@ -87,12 +93,15 @@ def _command(system: str, arguments: argparse.Namespace, port: int) -> tuple[lis
     if system == "vllm-serve":
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(arguments.kv_cache_gb)))
-        vllm = Path(sys.executable).with_name("vllm")
+        # vLLM's OpenAI server module, as `vllm serve` runs it (the `vllm` command reads the
+        # distribution's version, which the CPU build installs under another name).
         command = [
-            str(vllm), "serve", str(arguments.model), "--host", "127.0.0.1", "--port", str(port),
-            "--max-model-len", str(arguments.max_model_len), "--max-num-seqs", str(arguments.max_batch_size),
-            "--served-model-name", arguments.model.name, "--disable-log-requests",
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(arguments.model),
+            "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(arguments.max_model_len),
+            "--max-num-seqs", str(arguments.max_batch_size), "--served-model-name", arguments.model.name,
         ]  # fmt: skip
+        if arguments.enforce_eager:
+            command.append("--enforce-eager")
         return command, env, "/health"
     engine = system.removeprefix("zeus-")
     command = [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)]
