@@ -70,8 +70,12 @@ def load_engine(settings: Settings) -> Engine:
         return create_engine(settings)
     except ModelLoadError as error:
         line = " ".join(str(error).split())
-        if "out of memory" not in line.lower() and "cannot allocate memory" in line.lower():
-            # ENOMEM from mmap or malloc is the same condition as an OOM error, said differently.
+        lowered = line.lower()
+        if "out of memory" not in lowered and (
+            "cannot allocate memory" in lowered or "memoryerror" in lowered
+        ):
+            # ENOMEM from mmap or malloc, or Python's MemoryError wrapped by the loader (the tokenizer
+            # can be the first allocation to fail), is the same condition as an OOM error.
             raise StartupError(
                 f"out of memory while loading the model from {settings.model_path}: {line}"
             ) from None
