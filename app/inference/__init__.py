@@ -24,13 +24,11 @@ from app.inference.types import (
 __all__ = [
     "Engine",
     "EngineCapabilities",
-    "EngineInfo",
-    "StructuredOutput",
-    "TokenLogprob",
     "EngineClosedError",
     "EngineConfig",
     "EngineError",
     "EngineFullError",
+    "EngineInfo",
     "EngineObserver",
     "EngineStats",
     "FinishReason",
@@ -42,5 +40,7 @@ __all__ = [
     "PromptTooLongError",
     "RequestStream",
     "SamplingParams",
+    "StructuredOutput",
     "TextDelta",
+    "TokenLogprob",
 ]
