@@ -39,7 +39,9 @@ def reference_probabilities(logits: torch.Tensor, row: Row) -> torch.Tensor:
     for token in row.prompt_ids:
         seen[token] = True
     if params.repetition_penalty != 1.0:
-        penalised = torch.where(scores > 0, scores / params.repetition_penalty, scores * params.repetition_penalty)
+        penalised = torch.where(
+            scores > 0, scores / params.repetition_penalty, scores * params.repetition_penalty
+        )
         scores = torch.where(seen, penalised, scores)
     scores -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).double()
     if params.temperature == 0:
@@ -120,7 +122,10 @@ def test_penalties_and_logit_bias_match_the_reference_exactly() -> None:
         for row, row_logits in zip(rows, logits, strict=True):
             row.output_ids.append(int(row_logits.argmax()))  # penalise the current favourite
         tokens = Sampler(VOCAB, DEVICE)(logits, rows).tokens.tolist()
-        expected = [int(reference_probabilities(row_logits, row).argmax()) for row, row_logits in zip(rows, logits)]
+        expected = [
+            int(reference_probabilities(row_logits, row).argmax())
+            for row, row_logits in zip(rows, logits, strict=True)
+        ]
         assert tokens == expected
     assert tokens[2] == 11
 
@@ -145,10 +150,14 @@ def test_logprobs_are_the_raw_distribution() -> None:
     reference = torch.log_softmax(logits.double(), dim=-1)
     for position, row in enumerate(output.logprobs.rows):
         token = int(output.tokens[row])
-        assert float(output.logprobs.chosen[position]) == pytest.approx(float(reference[row, token]), abs=1e-5)
+        assert float(output.logprobs.chosen[position]) == pytest.approx(
+            float(reference[row, token]), abs=1e-5
+        )
         best = reference[row].topk(3)
         assert output.logprobs.top_ids[position, :3].tolist() == best.indices.tolist()
-        assert output.logprobs.top_values[position, :3].tolist() == pytest.approx(best.values.tolist(), abs=1e-5)
+        assert output.logprobs.top_values[position, :3].tolist() == pytest.approx(
+            best.values.tolist(), abs=1e-5
+        )
 
 
 @pytest.mark.parametrize("seed", [0, 7, -1, -(2**63), 2**64 - 1, 2**63])
@@ -158,7 +167,10 @@ def test_seeded_rows_repeat_whatever_else_is_in_the_batch(seed: int) -> None:
 
     def run(companions: list[SamplingParams], position: int) -> list[int]:
         rows = [Row(p) for p in companions]
-        seeded = [Row(params, make_generator(params, DEVICE)), Row(flat_params, make_generator(flat_params, DEVICE))]
+        seeded = [
+            Row(params, make_generator(params, DEVICE)),
+            Row(flat_params, make_generator(flat_params, DEVICE)),
+        ]
         rows[position:position] = seeded
         sampler = Sampler(VOCAB, DEVICE)
         chosen = []
