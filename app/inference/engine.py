@@ -62,6 +62,7 @@ from app.inference.sampling import (
     Sampler,
     make_generator,
 )
+from app.inference.scheduler import Scheduler
 from app.inference.stream import RequestStream
 from app.inference.types import (
     EngineClosedError,
@@ -132,6 +133,10 @@ class _Sequence:
     def request_id(self) -> str:
         return self.stream.request_id
 
+    @property
+    def cancel_requested(self) -> bool:
+        return self.stream.cancel_requested
+
 
 class _ChosenTokens:
     """The tokens one decode step chose for its rows, on their way to the host.
@@ -200,17 +205,6 @@ def functional_pad(values: torch.Tensor, columns: int) -> torch.Tensor:
     return torch.cat([values, values.new_zeros(values.shape[0], columns)], dim=1)
 
 
-def _fill_holes(keep: list[int]) -> list[int]:
-    """New row order after dropping rows: survivors stay in place, the last ones move into the holes.
-
-    Moving a few rows costs less than shifting every row after the first finished one.
-    """
-    count = len(keep)
-    kept = set(keep)
-    movers = [row for row in keep if row >= count]
-    return [row if row in kept else movers.pop() for row in range(count)]
-
-
 class InferenceEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel) -> None:
         self.config = config
@@ -237,9 +231,7 @@ class InferenceEngine:
         self.observer: EngineObserver | None = None
         self._lock = threading.Condition()
         self._incoming: deque[_Sequence] = deque()
-        self._waiting: deque[_Sequence] = deque()
-        self._prefilling: deque[_Sequence] = deque()
-        self._running: list[_Sequence] = []
+        self._scheduler: Scheduler[_Sequence] = Scheduler(config.max_batch_size, config.prefill_chunk_tokens)
         # The running rows' latest tokens, on the device: the next decode step's input.
         self._next_tokens = torch.empty(0, dtype=torch.long, device=loaded.device)
         overlap = config.overlap_host_work
@@ -264,6 +256,23 @@ class InferenceEngine:
         self._recent_request_seconds = 10.0
         self._failure: str | None = None
         self._failed_iterations = 0
+
+    # The scheduler's queues, under the names the engine has always used.
+    @property
+    def _waiting(self) -> deque[_Sequence]:
+        return self._scheduler.waiting
+
+    @property
+    def _prefilling(self) -> deque[_Sequence]:
+        return self._scheduler.prefilling
+
+    @property
+    def _running(self) -> list[_Sequence]:
+        return self._scheduler.running
+
+    @_running.setter
+    def _running(self, sequences: list[_Sequence]) -> None:
+        self._scheduler.running = sequences
 
     # ----- construction and lifecycle -------------------------------------------------------
 
@@ -622,8 +631,7 @@ class InferenceEngine:
         started = time.monotonic()
         tokens_before = self._tokens_total
         self._drop_cancelled()
-        while self._waiting and len(self._running) + len(self._prefilling) < self.config.max_batch_size:
-            self._prefilling.append(self._waiting.popleft())
+        self._scheduler.admit()
         ready = self._prefill()
         if ready:
             self._join(ready)
@@ -639,15 +647,10 @@ class InferenceEngine:
         )
 
     def _drop_cancelled(self) -> None:
-        for queue in (self._waiting, self._prefilling):
-            for sequence in [s for s in queue if s.stream.cancel_requested]:
-                queue.remove(sequence)
-                self._finish(sequence, "cancelled")
-        keep = [row for row, s in enumerate(self._running) if not s.stream.cancel_requested]
-        if len(keep) < len(self._running):
-            for sequence in self._running:
-                if sequence.stream.cancel_requested:
-                    self._finish(sequence, "cancelled")
+        cancelled, keep = self._scheduler.take_cancelled()
+        for sequence in cancelled:
+            self._finish(sequence, "cancelled")
+        if keep is not None:
             self._keep_rows(keep)
 
     def _prefill(self) -> list[_Block]:
@@ -657,32 +660,29 @@ class InferenceEngine:
         a prompt longer than a chunk is prefilled alone, one chunk per iteration. A shared prefill
         that fails is retried one prompt at a time, so that only a prompt that fails alone fails.
         """
-        chunk_limit = self.config.prefill_chunk_tokens
-        # With nothing decoding there is nobody to stall: take a larger share of the queue at once.
-        budget = chunk_limit if self._running else 4 * chunk_limit
+        budget = self._scheduler.prefill_budget()
         ready: list[_Block] = []
-        while self._prefilling and budget > 0:
-            head = self._prefilling[0]
-            if head.prefilled == 0 and len(head.prompt_ids) <= chunk_limit:
-                group = self._take_prefill_group(budget)
+        while (work := self._scheduler.next_prefill(budget)) is not None:
+            budget -= work.cost
+            if work.chunk is None:
+                group = work.sequences
+                self._between.extend(group)
                 try:
                     block, logits = self._prefill_group(group)
                 except Exception as error:
                     self._prefill_failed(group, error)
                     continue
-                budget -= len(group) * max(block.lengths)
             else:
-                chunk = min(len(head.prompt_ids) - head.prefilled, budget, chunk_limit)
+                head = work.sequences[0]
                 try:
-                    logits = self._prefill_chunk(head, chunk)
+                    logits = self._prefill_chunk(head, work.chunk)
                 except Exception as error:
-                    self._prefilling.popleft()
+                    self._prefilling.remove(head)
                     self._fail(head, "prefilling the prompt", error)
                     continue
-                budget -= chunk
-                if head.prefilled < len(head.prompt_ids):
+                if not self._scheduler.chunk_done(head):
                     continue
-                self._between.append(self._prefilling.popleft())
+                self._between.append(head)
                 assert head.staged is not None
                 block = _Block(sequences=[head], staged=head.staged, lengths=[head.prefilled])
                 head.staged = None
@@ -711,25 +711,7 @@ class InferenceEngine:
             type(error).__name__,
             error,
         )
-        for sequence in reversed(group):
-            sequence.solo = True
-            self._prefilling.appendleft(sequence)
-
-    def _take_prefill_group(self, budget: float) -> list[_Sequence]:
-        chunk_limit = self.config.prefill_chunk_tokens
-        group = [self._prefilling.popleft()]
-        self._between.append(group[0])
-        width = len(group[0].prompt_ids)
-        while not group[0].solo and self._prefilling and self._prefilling[0].prefilled == 0:
-            candidate = self._prefilling[0]
-            length = len(candidate.prompt_ids)
-            padded_total = max(width, length) * (len(group) + 1)
-            if candidate.solo or length > chunk_limit or padded_total > budget:
-                break
-            group.append(self._prefilling.popleft())
-            self._between.append(group[-1])
-            width = max(width, length)
-        return group
+        self._scheduler.retry_alone(group)
 
     def _prefill_group(self, group: list[_Sequence]) -> tuple[_Block, torch.Tensor]:
         logits, staged = self._runner.prefill([s.prompt_ids for s in group])
@@ -786,7 +768,7 @@ class InferenceEngine:
         """Freshly prefilled blocks join the running batch in the slots after the running rows."""
         for block in blocks:
             self._runner.add_rows(block.staged, block.lengths)
-            self._running.extend(block.sequences)
+            self._scheduler.join(block.sequences)
         first_tokens = [sequence.output_ids[-1] for block in blocks for sequence in block.sequences]
         self._next_tokens = torch.cat([self._next_tokens, to_device(first_tokens, self._loaded.device)])
 
@@ -857,8 +839,7 @@ class InferenceEngine:
 
     def _keep_rows(self, keep: list[int]) -> None:
         """Drop finished rows from the running batch at once, freeing their share of the cache."""
-        order = _fill_holes(keep)
-        self._running = [self._running[row] for row in order]
+        order = self._scheduler.keep_running(keep)
         self._runner.keep_rows(order)
         self._next_tokens = self._next_tokens[to_device(order, self._loaded.device)]
         if not self._running:
