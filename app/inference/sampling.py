@@ -32,6 +32,7 @@ the caller ends that request alone.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -107,6 +108,8 @@ class _Group:
     any_top_p: bool
     any_top_k: bool
     any_min_p: bool
+    # Every row's top_k keeps at most the candidates (so they hold its whole kept set).
+    all_within_candidates: bool
 
 
 @dataclass
@@ -221,6 +224,7 @@ class Sampler:
             any_top_p=any(p.top_p < 1.0 for p in chosen),
             any_top_k=any(top_k),
             any_min_p=any(p.min_p > 0 for p in chosen),
+            all_within_candidates=all(0 < k <= min(_CANDIDATES, self.vocab_size) for k in top_k),
         )
 
 
@@ -315,7 +319,7 @@ def _sample_truncated(scores: torch.Tensor, rows: Sequence[SamplingRow], group: 
         # candidates alone when top_k kept no more, else the whole (min_p-masked) row.
         kept_values = values.masked_fill(~keep, -math.inf)
         normaliser = torch.logsumexp(kept_values, dim=-1, keepdim=True)
-        if not bool(within_candidates.all()):
+        if not group.all_within_candidates:
             full = scores.masked_fill(scores < floor, -math.inf) if group.any_min_p else scores
             normaliser = torch.where(within_candidates, normaliser, torch.logsumexp(full, -1, keepdim=True))
         probabilities = (kept_values - normaliser).exp()
@@ -325,29 +329,41 @@ def _sample_truncated(scores: torch.Tensor, rows: Sequence[SamplingRow], group: 
     covered = (within_candidates | ~keep[:, -1:]).squeeze(1)
     race = values.masked_fill(~keep, -math.inf) + _noise((count, candidates), rows, device)
     tokens = ids.gather(1, race.argmax(dim=-1, keepdim=True)).squeeze(1)
+    if group.all_within_candidates:
+        return tokens
+    if scores.device.type == "cuda":
+        # Reading `covered` would make the host wait for this step, which the engine overlaps with
+        # the next one; a GPU sorts the rows in no time, so they all take both paths.
+        return torch.where(covered, tokens, _sample_sorted(scores, rows, group))
     if bool(covered.all()):
         return tokens
-    # Rare: a row whose kept set reaches past the candidates (a flat distribution). The race above
-    # drew from its generator too; whether a row comes here depends on that row alone, so a seeded
-    # row still draws the same sequence every time.
-    for row in torch.nonzero(~covered).flatten().tolist():
-        tokens[row] = _sample_sorted(scores[row], rows[row])
-    return tokens
+    # Rare on the CPU: a row whose kept set reaches past the candidates (a flat distribution).
+    # The race above drew from its generator too; whether a row comes here depends on that row
+    # alone, so a seeded row still draws the same sequence every time.
+    uncovered = torch.nonzero(~covered).flatten()
+    subset = dataclasses.replace(
+        group,
+        temperature=group.temperature.index_select(0, uncovered),
+        top_p=group.top_p.index_select(0, uncovered),
+        top_k=group.top_k.index_select(0, uncovered),
+        min_p_log=group.min_p_log.index_select(0, uncovered),
+    )
+    chosen = _sample_sorted(scores.index_select(0, uncovered), [rows[i] for i in uncovered.tolist()], subset)
+    return tokens.index_copy(0, uncovered, chosen)
 
 
-def _sample_sorted(scores: torch.Tensor, row: SamplingRow) -> torch.Tensor:
-    """One row (temperature applied) over its whole vocabulary, filtered by a full sort. scores: [vocab]."""
-    params = row.params
-    sorted_scores, order = torch.sort(scores, descending=True)
-    keep = torch.ones_like(sorted_scores, dtype=torch.bool)
-    if params.min_p > 0:
-        keep &= sorted_scores >= sorted_scores[0] + math.log(params.min_p)
-    if 0 < params.top_k < scores.shape[0]:
-        keep[params.top_k :] = False
-    if params.top_p < 1.0:
-        probabilities = torch.softmax(sorted_scores.masked_fill(~keep, -math.inf), dim=-1)
-        before = probabilities.cumsum(dim=-1) - probabilities
-        keep &= before < params.top_p
-    keep[0] = True
-    race = sorted_scores.masked_fill(~keep, -math.inf) + _noise((1, scores.shape[0]), [row], scores.device)[0]
-    return order[race.argmax()]
+def _sample_sorted(scores: torch.Tensor, rows: Sequence[SamplingRow], group: _Group) -> torch.Tensor:
+    """Rows (temperature applied) over their whole vocabulary, filtered after a full sort.
+
+    scores: [n, vocab]; group: the rows' settings (its tensors [n, 1]). Returns the ids [n].
+    """
+    vocab = scores.shape[1]
+    sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=scores.device)
+    top_k = torch.where(group.top_k > 0, group.top_k, vocab)
+    keep = (sorted_scores >= sorted_scores[:, :1] + group.min_p_log) & (ranks < top_k)
+    probabilities = torch.softmax(sorted_scores.masked_fill(~keep, -math.inf), dim=-1)
+    before = probabilities.cumsum(dim=-1) - probabilities
+    keep &= (before < group.top_p) | (ranks == 0)
+    race = sorted_scores.masked_fill(~keep, -math.inf) + _noise((scores.shape[0], vocab), rows, scores.device)
+    return order.gather(1, race.argmax(dim=-1, keepdim=True)).squeeze(1)
