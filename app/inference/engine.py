@@ -145,10 +145,11 @@ class _ChosenTokens:
     only, not for work queued after it.
     """
 
-    def __init__(self, sampled: SampleOutput, sequences: list[_Sequence]) -> None:
-        tokens = sampled.tokens
+    def __init__(
+        self, tokens: torch.Tensor, sequences: list[_Sequence], logprobs: Logprobs | None = None
+    ) -> None:
         self.sequences = sequences
-        self._logprobs = sampled.logprobs
+        self._logprobs = logprobs
         self._ready: torch.cuda.Event | None = None
         if tokens.device.type == "cuda":
             self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
@@ -686,7 +687,8 @@ class InferenceEngine:
                 assert head.staged is not None
                 block = _Block(sequences=[head], staged=head.staged, lengths=[head.prefilled])
                 head.staged = None
-            tokens, logprobs = _ChosenTokens(self._sample(logits, block.sequences), block.sequences).read()
+            sampled = self._sample(logits, block.sequences)
+            tokens, logprobs = _ChosenTokens(sampled.tokens, block.sequences, sampled.logprobs).read()
             keep = [
                 row
                 for row, (sequence, token) in enumerate(zip(block.sequences, tokens, strict=True))
@@ -791,7 +793,7 @@ class InferenceEngine:
         # A row whose sampling failed is already finished; the next step still needs a valid id.
         self._next_tokens = sampled.tokens.clamp(min=0)
         self._steps_total += 1
-        chosen = _ChosenTokens(sampled, list(self._running))
+        chosen = _ChosenTokens(sampled.tokens, list(self._running), sampled.logprobs)
         if self._overlap_host_work:
             chosen, self._unread = self._unread, chosen
             if chosen is None:
