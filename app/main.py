@@ -22,7 +22,7 @@ from sqlalchemy import func, update
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import error_bytes, install_error_handlers
-from app.api.routes import admin, auth, conversations, health, keys, openai
+from app.api.routes import admin, auth, conversations, health, keys, openai, sso, usage
 from app.config import ConfigError, Settings, load_settings
 from app.db import create_db_engine, session_factory, transaction
 from app.models import Instance
@@ -210,7 +210,10 @@ def build_app(settings: Settings, engine) -> FastAPI:  # engine: app.inference.I
     for router in (
         health.router,
         auth.router,
+        usage.router,
+        sso.router,
         conversations.router,
+        conversations.admin_router,
         keys.router,
         admin.router,
         openai.router,

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import errno
 import socket
+from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.config import ConfigError, Settings, load_settings
 from app.db import create_db_engine, current_revision, describe_db_error, head_revision, ping
+
+if TYPE_CHECKING:
+    from app.inference.contract import Engine
 
 
 class StartupError(Exception):
@@ -56,23 +60,14 @@ def port_problem(host: str, port: int) -> str | None:
     return None
 
 
-def load_engine(settings: Settings):  # -> InferenceEngine
-    """The model, loaded; every failure is one StartupError line."""
-    from app.inference import EngineConfig, InferenceEngine
+def load_engine(settings: Settings) -> Engine:
+    """The model, loaded by the engine ZEUS_ENGINE names; every failure is one StartupError line."""
+    from app.inference.factory import create_engine
     from app.inference.types import ModelLoadError
 
     assert settings.model_path is not None
-    config = EngineConfig(
-        model_path=str(settings.model_path),
-        device=settings.device,
-        torch_threads=settings.torch_threads,
-        max_batch_size=settings.max_batch_size,
-        max_queue=settings.max_queue,
-        max_input_tokens=settings.max_input_tokens,
-        max_new_tokens=settings.max_new_tokens,
-    )
     try:
-        return InferenceEngine.load(config)
+        return create_engine(settings)
     except ModelLoadError as error:
         line = " ".join(str(error).split())
         if "out of memory" not in line.lower() and "cannot allocate memory" in line.lower():

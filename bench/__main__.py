@@ -1,4 +1,5 @@
-"""python -m bench {engine,serve} ...: see bench/engine_bench.py and bench/serve_bench.py."""
+"""python -m bench {engine,serve,compare,fairness} ...: see bench/engine_bench.py, serve_bench.py,
+compare.py, fairness.py."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import os
 import sys
 
-from bench import engine_bench, serve_bench
+from bench import compare, engine_bench, fairness, serve_bench
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +21,14 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser = modes.add_parser("serve", help="serving metrics of an OpenAI-compatible endpoint")
     serve_bench.add_arguments(serve_parser)
     serve_parser.set_defaults(handler=serve_bench.main)
+    fairness_parser = modes.add_parser("fairness", help="one heavy user against one light user (issue 16)")
+    fairness.add_arguments(fairness_parser)
+    fairness_parser.set_defaults(handler=fairness.main)
+    compare_parser = modes.add_parser(
+        "compare", help="bare vllm serve, Zeus engine vllm and Zeus engine builtin, one after the other"
+    )
+    compare.add_arguments(compare_parser)
+    compare_parser.set_defaults(handler=compare.main)
     arguments = parser.parse_args(argv)
     return arguments.handler(arguments)
 

@@ -28,6 +28,8 @@ class RequestRecord:
     prompt_tokens: int = 0
     output_tokens: int = 0
     error: str | None = None  # a short kind ("http_429", "timeout", ...) when the request failed
+    # The streamed content, kept when a workload needs it (the chat workload resends its history).
+    text: str = ""
 
     @property
     def succeeded(self) -> bool:

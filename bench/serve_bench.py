@@ -5,6 +5,15 @@ concurrency level runs `--num-prompts` chat completions with `stream: true`,
 `stream_options.include_usage` (token counts from the server) and `ignore_eos` (fixed output
 length), either all at once (closed loop, at most `concurrency` in flight) or arriving as a
 Poisson process at `--request-rate` requests/s (still capped at `concurrency` in flight).
+
+`--workload chat` is the multi-turn chat workload instead: `--users` U analysts each hold one
+conversation of `--turns` T turns behind the same system prompt of `--system-prompt-len` tokens
+(a deployment's default system prompt), each turn resending the whole history (system prompt,
+every earlier question and reply, the new question), as a chat client does. The users run at
+once, each turn after the previous reply. It reports the usual metrics over all turns, TTFT p50
+by turn (what prefix caching changes: later turns resend ever longer histories), and, with
+`--metrics-urls` (the instances' /metrics), the prefix-cache hit rate over the run from vLLM's
+`vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total` counters (tokens).
 """
 
 from __future__ import annotations
@@ -46,6 +55,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--copy-plot-to", type=Path, default=None)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--workload", choices=("single", "chat"), default="single", help="single-turn prompts or chat"
+    )
+    parser.add_argument("--users", type=int, default=4, help="chat: conversations held at once")
+    parser.add_argument("--turns", type=int, default=4, help="chat: turns per conversation")
+    parser.add_argument("--system-prompt-len", type=int, default=400, help="chat: system prompt tokens")
+    parser.add_argument(
+        "--api-keys",
+        default=None,
+        help="chat: comma-separated keys, one per user in turn (default: --api-key for all)",
+    )
+    parser.add_argument(
+        "--metrics-urls",
+        default=None,
+        help="chat: comma-separated /metrics URLs of the instances, for the prefix-cache hit rate",
+    )
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
@@ -59,23 +84,36 @@ async def _discover_model(client: Any, arguments: argparse.Namespace) -> str:
     return response.json()["data"][0]["id"]
 
 
-async def _one_request(client: Any, arguments: argparse.Namespace, model: str, prompt: str) -> RequestRecord:
+async def _one_request(
+    client: Any,
+    arguments: argparse.Namespace,
+    model: str,
+    prompt: str | list[dict[str, str]],
+    *,
+    api_key: str | None = None,
+    user: str | None = None,
+) -> RequestRecord:
+    """One streamed chat completion: `prompt` is the user's message, or the whole message list."""
     import httpx
 
-    body = {
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    body: dict[str, Any] = {
         "model": model,
-        "messages": [{"role": "user", "content": prompt}],
+        "messages": messages,
         "max_tokens": arguments.output_len,
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
         "ignore_eos": True,
     }
+    if user is not None:
+        body["user"] = user
     record = RequestRecord(sent_at=time.perf_counter())
     chunks = 0
+    texts: list[str] = []
     try:
         async with client.stream(
-            "POST", arguments.endpoint, json=body, headers=_headers(arguments.api_key)
+            "POST", arguments.endpoint, json=body, headers=_headers(api_key or arguments.api_key)
         ) as response:
             if response.status_code != 200:
                 await response.aread()
@@ -94,8 +132,9 @@ async def _one_request(client: Any, arguments: argparse.Namespace, model: str, p
                     record.error = "stream_error"
                     return record
                 choices = event.get("choices") or []
-                if choices and (choices[0].get("delta") or {}).get("content"):
+                if choices and (content := (choices[0].get("delta") or {}).get("content")):
                     record.chunk_times.append(time.perf_counter())
+                    texts.append(content)
                     chunks += 1
                 usage = event.get("usage")
                 if usage:
@@ -113,7 +152,77 @@ async def _one_request(client: Any, arguments: argparse.Namespace, model: str, p
     if record.output_tokens == 0:
         # A server without usage reporting: one token per content chunk is the best estimate.
         record.output_tokens = chunks
+    record.text = "".join(texts)
     return record
+
+
+async def _scrape_prefix_cache(client: Any, urls: list[str]) -> tuple[float, float] | None:
+    """(hits, queries) in tokens, summed over the instances; None when no instance reports them."""
+    hits = queries = 0.0
+    found = False
+    for url in urls:
+        response = await client.get(url)
+        response.raise_for_status()
+        for line in response.text.splitlines():
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            if name in ("vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total"):
+                value = float(line.rsplit(" ", 1)[1])
+                found = True
+                if name.endswith("hits_total"):
+                    hits += value
+                else:
+                    queries += value
+    return (hits, queries) if found else None
+
+
+async def _run_chat(
+    client: Any, arguments: argparse.Namespace, model: str, tokenizer: Any, progress: Any
+) -> dict[str, Any]:
+    """U conversations at once, T turns each, every turn resending the history; one result row."""
+    keys = [key for key in (arguments.api_keys or "").split(",") if key] or [arguments.api_key]
+    metrics_urls = [url for url in (arguments.metrics_urls or "").split(",") if url]
+    [system_prompt] = make_prompts(1, arguments.system_prompt_len, arguments.seed + 1, tokenizer)
+    system_prompt = "You are the research assistant of a team of analysts. " + system_prompt
+    questions = make_prompts(
+        arguments.users * arguments.turns, arguments.input_len, arguments.seed, tokenizer
+    )
+    by_turn: list[list[RequestRecord]] = [[] for _ in range(arguments.turns)]
+    before = await _scrape_prefix_cache(client, metrics_urls) if metrics_urls else None
+
+    async def conversation(user: int) -> list[RequestRecord]:
+        messages = [{"role": "system", "content": system_prompt}]
+        records = []
+        for turn in range(arguments.turns):
+            messages.append({"role": "user", "content": questions[user * arguments.turns + turn]})
+            record = await _one_request(
+                client, arguments, model, list(messages), api_key=keys[user % len(keys)], user=f"bench-{user}"
+            )
+            progress.update(1)
+            records.append(record)
+            by_turn[turn].append(record)
+            if not record.succeeded:
+                break  # the conversation cannot go on without the reply
+            messages.append({"role": "assistant", "content": record.text})
+        return records
+
+    started = time.perf_counter()
+    per_user = await asyncio.gather(*(conversation(user) for user in range(arguments.users)))
+    duration = time.perf_counter() - started
+    after = await _scrape_prefix_cache(client, metrics_urls) if metrics_urls else None
+    slos = parse_slos(arguments.goodput)
+    metrics = summarize([record for records in per_user for record in records], duration, slos)
+    metrics["ttft_p50_ms_by_turn"] = [
+        summarize(records, duration, slos)["ttft_ms"]["median"] if records else None for records in by_turn
+    ]
+    # The mean prompt each turn sent: it grows with the history that every turn resends.
+    metrics["prompt_tokens_by_turn"] = [
+        sum(record.prompt_tokens for record in records) / len(records) if records else None
+        for records in by_turn
+    ]
+    metrics["prefix_cache_hit_rate"] = None
+    if before is not None and after is not None and after[1] > before[1]:
+        metrics["prefix_cache_hit_rate"] = (after[0] - before[0]) / (after[1] - before[1])
+    return {"system": "chat", "concurrency": arguments.users, "request_rate": None, "metrics": metrics}
 
 
 async def _run_level(
@@ -163,10 +272,17 @@ async def run(arguments: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     async with httpx.AsyncClient(base_url=arguments.base_url, limits=limits, timeout=timeout) as client:
         model = arguments.model or await _discover_model(client, arguments)
-        progress = tqdm(
-            total=sum(prompts_for(level) for level in levels), unit="req", disable=arguments.no_progress
+        total = (
+            arguments.users * arguments.turns
+            if arguments.workload == "chat"
+            else sum(prompts_for(level) for level in levels)
         )
+        progress = tqdm(total=total, unit="req", disable=arguments.no_progress)
         try:
+            if arguments.workload == "chat":
+                progress.set_description(f"chat U={arguments.users} T={arguments.turns}")
+                rows.append(await _run_chat(client, arguments, model, tokenizer, progress))
+                levels = []
             for level in levels:
                 progress.set_description(f"c={level}")
                 prompts = make_prompts(prompts_for(level), arguments.input_len, arguments.seed, tokenizer)
@@ -182,6 +298,11 @@ async def run(arguments: argparse.Namespace) -> dict[str, Any]:
         finally:
             progress.close()
     rate = "closed loop" if arguments.request_rate == float("inf") else f"Poisson {arguments.request_rate}/s"
+    if arguments.workload == "chat":
+        rate = (
+            f"chat: {arguments.users} users x {arguments.turns} turns, "
+            f"system prompt {arguments.system_prompt_len}"
+        )
     return {
         "mode": "serve",
         "title": f"{model} at {arguments.base_url} ({rate}), "
@@ -205,9 +326,16 @@ def main(arguments: argparse.Namespace) -> int:
         extra = f"goodput {metrics['goodput']:.2f} req/s" if metrics["goodput"] is not None else ""
         failures = ", ".join(f"{kind}: {count}" for kind, count in metrics["failures"].items()) or "none"
         print(
-            f"c={row['concurrency']}: total {metrics['total_token_throughput']:.1f} tok/s, {extra}, "
-            f"failures {failures}"
+            f"{row['system']} c={row['concurrency']}: output {metrics['output_throughput']:.1f} tok/s, "
+            f"total {metrics['total_token_throughput']:.1f} tok/s, {extra}, failures {failures}"
         )
+        if "ttft_p50_ms_by_turn" in metrics:
+            turns = ", ".join(
+                "-" if value is None else f"{value:.0f}" for value in metrics["ttft_p50_ms_by_turn"]
+            )
+            print(f"chat TTFT p50 by turn (ms): {turns}")
+            rate = metrics["prefix_cache_hit_rate"]
+            print("prefix-cache hit rate: " + ("not reported" if rate is None else f"{rate:.1%}"))
     json_path, plot_path = write_outputs("serve", record, arguments.copy_plot_to)
     print(f"wrote {json_path} and {plot_path}")
     return 0 if all(row["metrics"]["failed"] == 0 for row in record["results"]) else 1

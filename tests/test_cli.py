@@ -17,6 +17,7 @@ from sqlalchemy.pool import NullPool
 from app.auth.passwords import verify_password
 from app.auth.tokens import sha256_hex
 from app.db import database_url as sqlalchemy_url
+from app.db import head_revision
 from tests.support.databases import fresh_database
 from tests.support.live_server import REPO_ROOT, app_environment, free_port, run_cli
 
@@ -66,11 +67,12 @@ def test_migrate_is_idempotent_and_safe_concurrently(empty_database: str, tiny_m
     assert [run.returncode for run in runs] == [0, 0, 0], outputs
     stdout = [out for out, _ in outputs]
     # Exactly one of them upgraded; the others waited on the lock and found nothing to do.
-    assert sum("empty -> 0001" in out for out in stdout) == 1
-    assert sum(out.strip() == "database schema at 0001" for out in stdout) == 2
-    assert query(empty_database, "SELECT version_num FROM alembic_version") == [("0001",)]
+    head = head_revision()
+    assert sum(f"empty -> {head}" in out for out in stdout) == 1
+    assert sum(out.strip() == f"database schema at {head}" for out in stdout) == 2
+    assert query(empty_database, "SELECT version_num FROM alembic_version") == [(head,)]
     again = run_cli(env, "migrate")
-    assert again.returncode == 0 and again.stdout.strip() == "database schema at 0001"
+    assert again.returncode == 0 and again.stdout.strip() == f"database schema at {head}"
 
 
 def test_check_passes_on_a_good_setup(env: dict[str, str]) -> None:

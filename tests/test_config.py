@@ -100,3 +100,61 @@ def test_only_postgresql_urls() -> None:
     with pytest.raises(ConfigError) as error:
         load_settings(database_url="sqlite:///zeus.db")
     assert error.value.problems == ["ZEUS_DATABASE_URL must be a postgresql:// URL"]
+
+
+def test_engine_settings_default_to_the_builtin_engine_and_refuse_unknown_values(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ZEUS_DATABASE_URL", "postgresql://zeus:pw@db:5432/zeus")
+    settings = load_settings()
+    assert (settings.engine, settings.tensor_parallel_size, settings.gpu_memory_utilization) == (
+        "builtin",
+        1,
+        0.90,
+    )
+    assert settings.kv_cache_gb is None and settings.max_model_len is None
+
+    monkeypatch.setenv("ZEUS_ENGINE", "vllm")
+    monkeypatch.setenv("ZEUS_TENSOR_PARALLEL_SIZE", "2")
+    monkeypatch.setenv("ZEUS_KV_CACHE_GB", "1.5")
+    monkeypatch.setenv("ZEUS_MAX_MODEL_LEN", "4096")
+    settings = load_settings()
+    assert (settings.engine, settings.tensor_parallel_size, settings.kv_cache_gb, settings.max_model_len) == (
+        "vllm",
+        2,
+        1.5,
+        4096,
+    )
+
+    monkeypatch.setenv("ZEUS_ENGINE", "tgi")
+    monkeypatch.setenv("ZEUS_GPU_MEMORY_UTILIZATION", "1.5")
+    with pytest.raises(ConfigError) as error:
+        load_settings()
+    problems = error.value.problems
+    assert any(line.startswith("ZEUS_ENGINE:") and "'tgi'" in line and "vllm" in line for line in problems)
+    assert any(line.startswith("ZEUS_GPU_MEMORY_UTILIZATION:") for line in problems)
+
+
+def test_single_sign_on_settings_that_cannot_work_are_named() -> None:
+    def problems(**values: object) -> list[str]:
+        return Settings(_env_file=None, database_url="postgresql://z@db/zeus", **values).sso_problems()  # type: ignore[call-arg]
+
+    assert problems() == []
+    assert problems(password_login=False) == [
+        "ZEUS_PASSWORD_LOGIN=false with neither ZEUS_OIDC_ISSUER nor ZEUS_LDAP_URL set: nobody could sign in"
+    ]
+    assert problems(oidc_issuer="https://idp.example.org", oidc_scopes="email") == [
+        "ZEUS_OIDC_CLIENT_ID is not set: ZEUS_OIDC_ISSUER needs the client's id",
+        "ZEUS_OIDC_SCOPES must include openid (got 'email')",
+    ]
+    assert problems(oidc_issuer="https://idp", oidc_client_id="zeus", oidc_admin_claim="groups") == [
+        "ZEUS_OIDC_ADMIN_CLAIM is set but ZEUS_OIDC_ADMIN_VALUES is empty"
+    ]
+    ldap = problems(ldap_url="ldap://dir", ldap_user_filter="(uid=x)", ldap_bind_dn="cn=zeus")
+    assert ldap == [
+        "LDAP needs ZEUS_LDAP_USER_BASE (search for the user) or ZEUS_LDAP_USER_DN_TEMPLATE "
+        "(bind with uid={username},...)",
+        "ZEUS_LDAP_USER_FILTER must contain {username}",
+        "ZEUS_LDAP_BIND_DN is set but ZEUS_LDAP_BIND_PASSWORD is not",
+    ]
+    assert problems(ldap_url="ldap://dir", ldap_user_base="dc=x", password_login=False) == []

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from typing import Annotated
 from urllib.parse import urlsplit
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Request, Response
 from sqlalchemy.orm import Session
 
 from app.auth.accounts import user_for_api_key, user_for_session
-from app.auth.tokens import unsign_session_cookie
+from app.auth.tokens import sign_session_token, unsign_session_cookie
+from app.config import Settings
 from app.models import User
 from app.state import ZeusState
 
@@ -55,6 +56,20 @@ def request_is_https(request: Request) -> bool:
     return request.url.scheme == "https" or request.headers.get("x-forwarded-proto", "").lower() == "https"
 
 
+def set_session_cookie(response: Response, request: Request, settings: Settings, token: str) -> None:
+    """The signed session cookie of a new login (password, OpenID Connect or LDAP)."""
+    assert settings.secret_key is not None
+    response.set_cookie(
+        SESSION_COOKIE,
+        sign_session_token(token, settings.secret_key.get_secret_value()),
+        max_age=settings.session_ttl_s,
+        httponly=True,
+        samesite="strict",
+        secure=settings.cookie_secure or request_is_https(request),
+        path="/",
+    )
+
+
 def check_origin(request: Request) -> None:
     """Browsers send Origin on cross-site POSTs; a mismatch is a forged request (CSRF). Clients
     that send no Origin at all are not browsers and carry no ambient cookie risk."""
@@ -77,7 +92,7 @@ def _caller(request: Request, state: ZeusState, db: Session) -> Caller | None:
     if scheme.lower() == "bearer" and credentials.strip():
         found = user_for_api_key(db, credentials.strip())
         if found is None:
-            raise HTTPException(401, "invalid or revoked API key", {"WWW-Authenticate": "Bearer"})
+            raise HTTPException(401, "invalid, revoked or expired API key", {"WWW-Authenticate": "Bearer"})
         return Caller(user=found[0], api_key_id=found[1].id)
     cookie = request.cookies.get(SESSION_COOKIE)
     if cookie and state.settings.secret_key is not None:

@@ -13,6 +13,7 @@ from fastapi import HTTPException
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from app.access import AdmittedStream, admit
 from app.db import transaction
 from app.inference.types import (
     EngineClosedError,
@@ -60,6 +61,15 @@ def submit(state: ZeusState, request: GenerationRequest):
         raise HTTPException(400, str(error)) from None
     except EngineClosedError as error:
         raise HTTPException(503, f"engine not accepting requests: {error}", {"Retry-After": "5"}) from None
+
+
+async def admitted_submit(
+    state: ZeusState, request: GenerationRequest, *, user_id: int, api_key_id: int | None
+) -> AdmittedStream:
+    """submit() once fair share and quotas let this caller in (app/access): 429 otherwise. The
+    stream gives its admission back when it ends, is cancelled or its consumer leaves."""
+    admission = await admit(state, user_id=user_id, api_key_id=api_key_id)
+    return admission.start(lambda: submit(state, request))
 
 
 def record_usage(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -50,6 +50,10 @@ class AdminUserOut(UserOut):
     disabled: bool
     created_at: datetime
     last_login_at: datetime | None
+    # Admins' overrides (app/access); None: the ZEUS_* default applies.
+    max_concurrent: int | None = None
+    daily_token_budget: int | None = None
+    monthly_token_budget: int | None = None
 
 
 class UserCreate(Strict):
@@ -71,12 +75,37 @@ class PasswordOut(BaseModel):
     password: str
 
 
-class ConversationCreate(Strict):
+SYSTEM_PROMPT_MAX_CHARS = 20_000
+
+
+class ConversationSettings(Strict):
+    """The per-conversation settings, used on every turn. temperature and max_tokens null: the chat
+    defaults (0.7, ZEUS_MAX_NEW_TOKENS); options sent with one message override them for it."""
+
+    system_prompt: Text | None = Field(default=None, max_length=SYSTEM_PROMPT_MAX_CHARS)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: int | None = Field(default=None, ge=1)
+
+
+class ConversationCreate(ConversationSettings):
+    """system_prompt omitted: the admin-set default (GET /api/conversations/defaults)."""
+
     title: Text | None = Field(default=None, max_length=200)
 
 
-class ConversationRename(Strict):
-    title: Text = Field(max_length=200)
+class ConversationUpdate(ConversationSettings):
+    """PATCH: only the fields sent change; null resets temperature or max_tokens to the default."""
+
+    title: Text | None = Field(default=None, min_length=1, max_length=200)
+
+
+class SearchMatch(BaseModel):
+    """A message that matches a search. snippet: plain text around the match, the matched words
+    between U+0002 and U+0003 (the page shows them highlighted)."""
+
+    message_id: int
+    role: str
+    snippet: str
 
 
 class ConversationOut(BaseModel):
@@ -85,6 +114,14 @@ class ConversationOut(BaseModel):
     title: str
     created_at: datetime
     updated_at: datetime
+    system_prompt: str = ""
+    temperature: float | None = None
+    max_tokens: int | None = None
+    context_start_message_id: int | None = Field(
+        default=None,
+        description="the oldest message the model saw on the latest turn; null while all of it fits",
+    )
+    matches: list[SearchMatch] = Field(default_factory=list, description="only with ?q=: matching messages")
 
 
 class MessageOut(BaseModel):
@@ -115,15 +152,47 @@ class MessageCreate(Strict):
 
 
 class RegenerateBody(Strict):
+    """message_id: the reply to write again (it and every later message are replaced); omitted,
+    the last reply."""
+
+    message_id: int | None = None
     options: GenerationOptions | None = None
+
+
+class ChatDefaults(Strict):
+    default_system_prompt: Text = Field(default="", max_length=SYSTEM_PROMPT_MAX_CHARS)
+
+
+class PasswordChange(Strict):
+    current_password: Text = Field(min_length=1, max_length=1024)
+    new_password: Text = Field(min_length=8, max_length=1024)
 
 
 class StopOut(BaseModel):
     stopped: bool
 
 
+def _utc_instant(value: datetime | None) -> datetime | None:
+    """An instant with its zone, stored as UTC: PostgreSQL refuses offsets beyond +-15:59, and a
+    time without a zone would be read in the database session's zone."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        raise ValueError("needs a time zone, e.g. 2027-01-31T00:00:00Z")
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("is out of range: use a date between years 1 and 9999 in UTC") from None
+
+
+Instant = Annotated[datetime, AfterValidator(_utc_instant)]
+
+
 class KeyCreate(Strict):
     name: Text = Field(min_length=1, max_length=100)
+    expires_at: Instant | None = Field(
+        default=None, description="after this instant the key stops working (ISO 8601 with a time zone)"
+    )
 
 
 class KeyOut(BaseModel):
@@ -134,6 +203,10 @@ class KeyOut(BaseModel):
     created_at: datetime
     revoked_at: datetime | None
     last_used_at: datetime | None
+    expires_at: datetime | None = None
+    max_concurrent: int | None = None
+    daily_token_budget: int | None = None
+    monthly_token_budget: int | None = None
 
 
 class KeyCreated(BaseModel):
@@ -145,6 +218,19 @@ class KeyCreated(BaseModel):
 class AdminKeyOut(KeyOut):
     user_id: int
     email: str
+
+
+class EngineOut(BaseModel):
+    """The engine serving this instance (app/inference/contract.py EngineInfo, plus its KV cache)."""
+
+    kind: str
+    dtype: str
+    quantization: str | None
+    tensor_parallel_size: int
+    max_model_len: int
+    # Fraction of the KV cache in use (0..1); None for engines without a paged cache (builtin).
+    kv_cache_usage: float | None = None
+    prefix_cache_hit_rate: float | None = None
 
 
 class InstanceOut(BaseModel):
@@ -164,6 +250,7 @@ class InstanceOut(BaseModel):
     queue: int
     requests_per_s: float
     tokens_per_s: float
+    engine: EngineOut | None = None
 
 
 class SystemTotals(BaseModel):
@@ -229,7 +316,46 @@ class HealthOut(BaseModel):
     instance: str
     model: str
     device: str
+    engine: EngineOut
     db: str
     queue: QueueOut
     in_flight: int
     reason: str | None = None
+
+
+# ----- fair share and quotas (app/access) -----
+
+MAX_CONCURRENT_OVERRIDE = 10_000
+MAX_TOKEN_BUDGET = 2**53 - 1
+
+
+class LimitsUpdate(Strict):
+    """PATCH: only the fields sent change; null removes an override (the ZEUS_* default applies)."""
+
+    max_concurrent: int | None = Field(default=None, ge=1, le=MAX_CONCURRENT_OVERRIDE)
+    daily_token_budget: int | None = Field(default=None, ge=0, le=MAX_TOKEN_BUDGET)
+    monthly_token_budget: int | None = Field(default=None, ge=0, le=MAX_TOKEN_BUDGET)
+
+
+class KeyLimitsUpdate(LimitsUpdate):
+    """PATCH of one API key: its own limits (on top of its owner's) and its expiry (null: never)."""
+
+    expires_at: Instant | None = None
+
+
+class BudgetOut(BaseModel):
+    scope: Literal["user", "key"] = Field(description="user: all of the user's requests; key: this key's")
+    period: Literal["day", "month"] = Field(description="the UTC day or UTC month")
+    used: int = Field(description="prompt + completion tokens used in this period")
+    budget: int | None = Field(description="tokens allowed in this period; null: unlimited")
+    resets_at: datetime = Field(description="when the period ends and the count starts again")
+
+
+class ConcurrencyOut(BaseModel):
+    active: int = Field(description="generations running or waiting, across all instances")
+    limit: int
+
+
+class UsageOut(BaseModel):
+    concurrency: ConcurrencyOut
+    budgets: list[BudgetOut]

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.auth.passwords import generate_password, hash_password, needs_rehash, password_problem
@@ -200,7 +200,12 @@ def user_for_api_key(db: Session, secret: str) -> tuple[User, ApiKey] | None:
     row = db.execute(
         select(User, ApiKey)
         .join(ApiKey, ApiKey.user_id == User.id)
-        .where(ApiKey.key_hash == sha256_hex(secret), ApiKey.revoked_at.is_(None), User.disabled.is_(False))
+        .where(
+            ApiKey.key_hash == sha256_hex(secret),
+            ApiKey.revoked_at.is_(None),
+            or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > func.now()),
+            User.disabled.is_(False),
+        )
     ).first()
     if row is None:
         return None

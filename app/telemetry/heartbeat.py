@@ -97,6 +97,7 @@ class Heartbeat:
             "queue_waiting": stats.queued if stats else 0,
             "requests_per_s": round(requests_per_s, 3),
             "tokens_per_s": round(tokens_per_s, 3),
+            "engine": state.engine_description(),
         }
         with transaction(state.sessions) as db:
             statement = insert(Instance).values(name=state.instance_name, **values)

@@ -105,6 +105,19 @@ class _EngineCollector(Collector):
                 "zeus:num_requests_waiting", "Generations waiting for a batch slot.", value=stats.queued
             )
             yield GaugeMetricFamily("zeus:max_batch_size", "ZEUS_MAX_BATCH_SIZE.", value=stats.max_batch_size)
+            # Engines with a paged KV cache (vLLM) report these; vLLM's names, ratios 0..1.
+            if stats.kv_cache_usage is not None:
+                yield GaugeMetricFamily(
+                    "zeus:kv_cache_usage_perc",
+                    "Fraction of the KV cache in use (0..1).",
+                    value=stats.kv_cache_usage,
+                )
+            if stats.prefix_cache_hit_rate is not None:
+                yield GaugeMetricFamily(
+                    "zeus:prefix_cache_hit_rate",
+                    "Prompt tokens served from the prefix cache / prompt tokens looked up, since start.",
+                    value=stats.prefix_cache_hit_rate,
+                )
         yield GaugeMetricFamily(
             "zeus_http_requests_in_progress", "HTTP requests being answered.", value=self._in_flight()
         )

@@ -193,7 +193,7 @@ def test_regenerate_replaces_the_last_reply(chat: BrowserSession, web_server: Li
     wait_for_replies(page, 1)
     first_reply_id = last_reply(page).get_attribute("data-message-id")
 
-    page.get_by_role("button", name="Regenerate").click()
+    page.get_by_role("button", name="Regenerate", exact=True).click()
 
     new_reply = page.locator(f".message--assistant:not([data-message-id='{first_reply_id}'])")
     expect(new_reply).to_have_attribute("data-status", "complete", timeout=30_000)

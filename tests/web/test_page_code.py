@@ -1,7 +1,9 @@
-"""The pages' own code in a real browser, without the API: markdown rendering, SSE parsing, highlighting.
+"""The pages' own code in a real browser, without the API: markdown rendering (markdown-it,
+highlight.js, KaTeX, DOMPurify), incremental rendering while a reply streams, SSE parsing.
 
 The renderer is where model output meets the DOM, so it is tested here with hostile input directly;
-test_chat.py checks the same through the whole stack.
+test_chat.py checks the same through the whole stack. Every test also fails on a refusal of the
+page's Content-Security-Policy (module_page asserts a clean page), which KaTeX's styles would hit.
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ def module_page(new_session, static_server: str) -> Page:
             window.zeus = {
                 markdown: await import('/js/markdown.js'),
                 sse: await import('/js/sse.js'),
-                highlight: await import('/js/highlight.js'),
                 api: await import('/js/api.js'),
             };
         }"""
@@ -112,11 +113,9 @@ def test_markdown_structure(module_page: Page) -> None:
     assert result["links"] == ["https://example.com/a?b=1"]
     assert module_page.locator("#render-host ul ul li").inner_text() == "nested"
     assert module_page.locator("#render-host .code-block__language").inner_text() == "python"
-    assert module_page.locator("#render-host .tok-keyword").first.inner_text() == "print" or (
-        module_page.locator("#render-host .tok-function").first.inner_text() == "print"
-    )
-    assert module_page.locator("#render-host .tok-comment").inner_text() == "# greet"
-    assert module_page.locator("#render-host .tok-string").inner_text() == "'hi'"
+    assert module_page.locator("#render-host .hljs-built_in").first.inner_text() == "print"
+    assert module_page.locator("#render-host .hljs-comment").inner_text() == "# greet"
+    assert module_page.locator("#render-host .hljs-string").inner_text() == "'hi'"
 
 
 def test_unclosed_fence_while_streaming_renders_as_code(module_page: Page) -> None:
@@ -212,3 +211,164 @@ def test_error_messages_say_what_happened_and_what_to_do(module_page: Page) -> N
         "if it keeps happening, tell an administrator.",
         "refused": "prompt too long: the limit is 512 tokens",
     }
+
+
+# Aimed at the new renderers: raw HTML blocks and inline HTML, every way markdown-it writes a link
+# (inline, reference, autolink, linkify), images, footnotes, and KaTeX's link and HTML commands.
+RENDERER_PAYLOADS = {
+    "raw html block": '<div onclick="window.__xss=1">x</div>\n\n<style>body{display:none}</style>',
+    "inline html": 'a <a href="javascript:window.__xss=1">b</a> <span style="color:red">c</span>',
+    "javascript link": "[x](javascript:window.__xss=1) [y](JaVaScRiPt:window.__xss=1) "
+    "[z](  javascript:alert(1))",
+    "entity javascript link": "[x](&#106;avascript:window.__xss=1) [y](java&#x09;script:alert(1))",
+    "data link": "[x](data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==) "
+    "![i](data:image/png;base64,AAAA)",
+    "vbscript and file": "[x](vbscript:msgbox) [y](file:///etc/passwd)",
+    "reference link": "[x][evil]\n\n[evil]: javascript:window.__xss=1",
+    "autolink": "<javascript:window.__xss=1> <data:text/html,x>",
+    "svg": '<svg onload="window.__xss=1"><script>window.__xss=2</script></svg>',
+    "math href": "$\\href{javascript:window.__xss=1}{click}$ and $$\\url{javascript:window.__xss=1}$$",
+    "math html": "$\\htmlClass{x}{y}$ $\\htmlStyle{color:red}{y}$ $\\htmlData{onclick=alert(1)}{y}$ "
+    "$\\includegraphics{x.png}$",
+    "footnote": '[^1]\n\n[^1]: <img src=x onerror="window.__xss=1"> [a](javascript:alert(1))',
+    "link title": '[x](https://example.com "a\\" onmouseover=\\"window.__xss=1")',
+    "code info string": '```"><img src=x onerror=window.__xss=1>\ncode\n```',
+}
+
+
+@pytest.mark.parametrize("name", list(RENDERER_PAYLOADS))
+def test_payloads_aimed_at_the_renderers_stay_inert(module_page: Page, name: str) -> None:
+    result = render(module_page, RENDERER_PAYLOADS[name])
+
+    forbidden = {"script", "iframe", "img", "image", "object", "embed", "style", "form", "input", "div"}
+    assert forbidden.isdisjoint(result["tags"]) or name == "code info string", result["tags"]
+    assert not [attribute for attribute in result["attributes"] if attribute.startswith("on")]
+    assert all(link.startswith(("https://", "http://", "mailto:", "#")) for link in result["links"]), result[
+        "links"
+    ]
+    # SVG only ever inside KaTeX's own output.
+    assert module_page.locator("#render-host svg:not(.katex svg)").count() == 0
+    module_page.wait_for_timeout(100)
+    assert module_page.evaluate("window.__xss") is None
+
+
+def test_commonmark_details_that_the_old_renderer_got_wrong(module_page: Page) -> None:
+    render(
+        module_page,
+        "Setext\n======\n\n    indented  code\n      keeps its indent\n\n"
+        "[ref link][r] and <https://example.org/auto> and &copy; &amp; ***both***\n\n"
+        "A note[^n].\n\n[r]: https://example.com/ref\n[^n]: The footnote.\n",
+    )
+    host = module_page.locator("#render-host")
+
+    expect(host.locator("h1")).to_have_text("Setext")
+    expect(host.locator("pre code").first).to_have_text("indented  code\n  keeps its indent\n")
+    expect(host.locator("a", has_text="ref link")).to_have_attribute("href", "https://example.com/ref")
+    expect(host.locator("a", has_text="https://example.org/auto")).to_have_attribute(
+        "href", "https://example.org/auto"
+    )
+    expect(host.locator("p").nth(0)).to_contain_text("© &")
+    expect(host.locator("em > strong, strong > em")).to_have_text("both")
+    expect(host.locator(".footnotes li")).to_contain_text("The footnote.")
+
+
+def test_math_is_typeset_by_katex(module_page: Page) -> None:
+    render(module_page, "Inline $e^{i\\pi} + 1 = 0$ and display:\n\n$$\\int_0^1 x^2\\,dx = \\frac{1}{3}$$\n")
+    host = module_page.locator("#render-host")
+
+    expect(host.locator(".katex")).to_have_count(2)
+    expect(host.locator(".katex-display")).to_have_count(1)
+    expect(host.locator("math").first).to_be_attached()
+    # KaTeX's inline sizes arrive through CSSOM (the CSP refuses style attributes in markup).
+    assert module_page.evaluate("[...document.querySelectorAll('#render-host .katex [style]')].length") > 0
+
+
+@pytest.mark.parametrize(
+    ("language", "code", "token"),
+    [
+        ("rust", "fn longest<'a>(x: &'a str) -> &'a str { x }", ".hljs-symbol"),
+        ("typescript", "interface User { id: number }\nconst u: User = { id: 1 };", ".hljs-keyword"),
+        ("dockerfile", "FROM debian:12\nRUN apt-get update", ".hljs-keyword"),
+        ("diff", "--- a\n+++ b\n-old\n+new", ".hljs-addition"),
+        ("toml", "[server]\nport = 8080 # web", ".hljs-section"),
+        ("sql", "SELECT id FROM users WHERE id = 1;", ".hljs-keyword"),
+        ("yaml", "key: value\nlist:\n  - 1", ".hljs-attr"),
+        ("go", 'func main() { fmt.Println("hi") }', ".hljs-keyword"),
+    ],
+)
+def test_languages_analysts_use_are_highlighted(
+    module_page: Page, language: str, code: str, token: str
+) -> None:
+    render(module_page, f"```{language}\n{code}\n```")
+
+    assert module_page.locator(f"#render-host {token}").count() > 0
+    expect(module_page.locator("#render-host pre code")).to_have_text(code + "\n")
+
+
+def test_streaming_keeps_finished_blocks_and_the_selection(module_page: Page) -> None:
+    text = "First paragraph here.\n\n```js\nconst a = 1;\n```\n\n- one\n- two\n\nLast words $x^2$."
+    result = module_page.evaluate(
+        """async (text) => {
+            const host = document.createElement('div');
+            host.className = 'markdown';
+            document.body.replaceChildren(host);
+            const renderer = window.zeus.markdown.createReplyRenderer(host);
+            let firstParagraph = null;
+            let selected = '';
+            for (let end = 1; end <= text.length; end += 3) {
+                renderer.update(text.slice(0, end));
+                const paragraph = host.querySelector('p');
+                if (firstParagraph === null && end > 30) {
+                    firstParagraph = paragraph;
+                    const range = document.createRange();
+                    range.selectNodeContents(firstParagraph);
+                    getSelection().removeAllRanges();
+                    getSelection().addRange(range);
+                }
+            }
+            renderer.finish(text);
+            selected = getSelection().toString();
+            const full = document.createElement('div');
+            full.append(window.zeus.markdown.renderMarkdown(text));
+            return {
+                same: host.querySelector('p') === firstParagraph,
+                selected,
+                text: host.textContent,
+                fullText: full.textContent,
+                cursor: host.querySelectorAll('.cursor').length,
+                done: host.querySelector('.markdown__done').children.length,
+            };
+        }""",
+        text,
+    )
+
+    assert result["same"], "the finished first paragraph was drawn again"
+    assert result["selected"] == "First paragraph here."
+    assert result["text"] == result["fullText"]
+    assert result["cursor"] == 0
+    # The paragraph and the code block were drawn once; the list waits for a complete next line.
+    assert result["done"] == 2
+
+
+def test_streaming_work_does_not_grow_with_the_reply(module_page: Page) -> None:
+    """Each update parses only the block being written: a 400-paragraph reply takes about as long
+    per update at its end as at its start."""
+    timings = module_page.evaluate(
+        """() => {
+            const host = document.createElement('div');
+            document.body.replaceChildren(host);
+            const renderer = window.zeus.markdown.createReplyRenderer(host);
+            let text = '';
+            const perUpdate = [];
+            for (let paragraph = 0; paragraph < 400; paragraph += 1) {
+                text += `Paragraph ${paragraph} with **bold** and _emphasis_ in it.\n\n`;
+                const started = performance.now();
+                renderer.update(text);
+                perUpdate.push(performance.now() - started);
+            }
+            const mean = (values) => values.reduce((a, b) => a + b, 0) / values.length;
+            return { early: mean(perUpdate.slice(10, 60)), late: mean(perUpdate.slice(-50)) };
+        }"""
+    )
+
+    assert timings["late"] < max(4 * timings["early"], 2.0), timings

@@ -8,8 +8,10 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from sqlalchemy import Date, cast, func, select, text
 
+from app.access.summary import usage_summary
 from app.api.deps import AdminDep, SessionDep, StateDep, client_address
 from app.api.errors import COMMON_RESPONSES, ErrorBody
+from app.api.routes.usage import usage_out
 from app.api.schemas import (
     AdminKeyOut,
     AdminUserOut,
@@ -17,10 +19,13 @@ from app.api.schemas import (
     AuditPage,
     HistoryPoint,
     InstanceOut,
+    KeyLimitsUpdate,
+    LimitsUpdate,
     PasswordOut,
     PasswordReset,
     SystemOut,
     SystemTotals,
+    UsageOut,
     UsageRow,
     UserCreate,
     UserUpdate,
@@ -28,6 +33,7 @@ from app.api.schemas import (
 from app.auth.accounts import (
     AccountConflict,
     AccountError,
+    audit,
     create_user,
     revoke_api_key,
     set_password,
@@ -134,6 +140,10 @@ def list_api_keys(caller: AdminDep, db: SessionDep) -> list[AdminKeyOut]:
             created_at=key.created_at,
             revoked_at=key.revoked_at,
             last_used_at=key.last_used_at,
+            expires_at=key.expires_at,
+            max_concurrent=key.max_concurrent,
+            daily_token_budget=key.daily_token_budget,
+            monthly_token_budget=key.monthly_token_budget,
         )
         for key, email in rows
     ]
@@ -147,6 +157,85 @@ def revoke_key(key_id: int, caller: AdminDep, db: SessionDep, request: Request) 
             raise HTTPException(404, f"API key {key_id} not found")
         revoke_api_key(db, key=key, actor=caller.user, address=client_address(request))
     return Response(status_code=204)
+
+
+# ----- fair share and quotas (app/access) -----
+
+
+def _apply_limits(target: User | ApiKey, body: LimitsUpdate) -> str:
+    """Sets the fields the body names (null clears one); returns `name=value` text for the audit log."""
+    changes = []
+    for name in sorted(body.model_fields_set):
+        value = getattr(body, name)
+        setattr(target, name, value)
+        changes.append(f"{name}={'default' if value is None and name != 'expires_at' else value}")
+    return ", ".join(changes) or "nothing"
+
+
+@router.patch("/users/{user_id}/limits", response_model=AdminUserOut, responses=NOT_FOUND)
+def change_user_limits(
+    user_id: int, body: LimitsUpdate, caller: AdminDep, db: SessionDep, state: StateDep, request: Request
+) -> User:
+    """A user's concurrency limit and daily/monthly token budgets; null: the ZEUS_* default."""
+    with db.begin():
+        user = _user(db, user_id)
+        detail = _apply_limits(user, body)
+        # This instance stops repeating its remembered refusals at once; others within seconds.
+        state.access.forget_refusals(user.id, None)
+        audit(
+            db,
+            action="user.limits",
+            actor=caller.user,
+            target=user.email,
+            address=client_address(request),
+            detail=detail,
+        )
+    return user
+
+
+@router.get("/users/{user_id}/usage", response_model=UsageOut, responses=NOT_FOUND)
+def user_usage(user_id: int, caller: AdminDep, db: SessionDep, state: StateDep) -> UsageOut:
+    """What the user sees on their chat page: tokens today and this month, generations running."""
+    _user(db, user_id)
+    return usage_out(usage_summary(db, state.settings, user_id=user_id))
+
+
+@router.patch("/api-keys/{key_id}", response_model=AdminKeyOut, responses={**NOT_FOUND, **BAD_REQUEST})
+def change_api_key(
+    key_id: int, body: KeyLimitsUpdate, caller: AdminDep, db: SessionDep, state: StateDep, request: Request
+) -> AdminKeyOut:
+    """One key's own limits (applied on top of its owner's) and expiry date (null: never)."""
+    with db.begin():
+        key = db.get(ApiKey, key_id)
+        if key is None:
+            raise HTTPException(404, f"API key {key_id} not found")
+        owner = _user(db, key.user_id)
+        detail = _apply_limits(key, body)
+        state.access.forget_refusals(owner.id, key.id)
+        audit(
+            db,
+            action="api_key.limits",
+            actor=caller.user,
+            target=f"{owner.email} key {key.id} ({key.name})",
+            address=client_address(request),
+            detail=detail,
+        )
+        db.flush()
+        db.refresh(key)
+        return AdminKeyOut(
+            id=key.id,
+            user_id=key.user_id,
+            email=owner.email,
+            name=key.name,
+            prefix=key.prefix,
+            created_at=key.created_at,
+            revoked_at=key.revoked_at,
+            last_used_at=key.last_used_at,
+            expires_at=key.expires_at,
+            max_concurrent=key.max_concurrent,
+            daily_token_budget=key.daily_token_budget,
+            monthly_token_budget=key.monthly_token_budget,
+        )
 
 
 @router.get("/system", response_model=SystemOut)
@@ -175,6 +264,7 @@ def system(caller: AdminDep, db: SessionDep, state: StateDep) -> SystemOut:
             queue=row.queue_running + row.queue_waiting,
             requests_per_s=row.requests_per_s,
             tokens_per_s=row.tokens_per_s,
+            engine=row.engine,
         )
         for row, up in rows
     ]

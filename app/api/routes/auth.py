@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastapi import APIRouter, HTTPException, Request, Response
-from sqlalchemy import func
+from sqlalchemy import delete, func
 
 from app.api.deps import (
     SESSION_COOKIE,
@@ -14,15 +14,16 @@ from app.api.deps import (
     StateDep,
     check_origin,
     client_address,
-    request_is_https,
+    set_session_cookie,
 )
 from app.api.errors import COMMON_RESPONSES, ErrorBody
-from app.api.schemas import LoginBody, UserOut
+from app.api.routes.sso import refuse_password_login
+from app.api.schemas import LoginBody, PasswordChange, UserOut
 from app.auth import throttle
 from app.auth.accounts import audit, end_session, find_user, rehash_if_needed, start_session
-from app.auth.passwords import verify_password
-from app.auth.tokens import sign_session_token, unsign_session_cookie
-from app.models import User
+from app.auth.passwords import hash_password, password_problem, verify_password
+from app.auth.tokens import sha256_hex, unsign_session_cookie
+from app.models import User, WebSession
 
 router = APIRouter(prefix="/api/auth", tags=["auth"], responses=COMMON_RESPONSES)
 
@@ -39,13 +40,18 @@ class _LoginOutcome:
 @router.post(
     "/login",
     response_model=UserOut,
-    responses={429: {"model": ErrorBody, "description": "too many failed logins; see Retry-After"}},
+    responses={
+        403: {"model": ErrorBody, "description": "disabled account, or password login turned off"},
+        429: {"model": ErrorBody, "description": "too many failed logins; see Retry-After"},
+    },
 )
 def login(body: LoginBody, request: Request, response: Response, state: StateDep, db: SessionDep) -> UserOut:
     check_origin(request)
     email = body.email.strip().lower()
     address = client_address(request)
     settings = state.settings
+    if not settings.password_login:
+        refuse_password_login(db, settings, email=email, address=address)
     with db.begin():
         throttle.lock_account(db, email)
         outcome = _LoginOutcome(status=401, message="wrong email or password")
@@ -73,16 +79,7 @@ def login(body: LoginBody, request: Request, response: Response, state: StateDep
     if outcome.status != 200 or outcome.user is None or outcome.token is None:
         headers = {"Retry-After": str(outcome.retry_after_s)} if outcome.retry_after_s else None
         raise HTTPException(outcome.status, outcome.message, headers)
-    assert settings.secret_key is not None
-    response.set_cookie(
-        SESSION_COOKIE,
-        sign_session_token(outcome.token, settings.secret_key.get_secret_value()),
-        max_age=settings.session_ttl_s,
-        httponly=True,
-        samesite="strict",
-        secure=settings.cookie_secure or request_is_https(request),
-        path="/",
-    )
+    set_session_cookie(response, request, settings, outcome.token)
     return outcome.user
 
 
@@ -110,3 +107,49 @@ def logout(request: Request, state: StateDep, db: SessionDep) -> Response:
 @router.get("/me", response_model=UserOut)
 def me(caller: CallerDep) -> UserOut:
     return UserOut.model_validate(caller.user)
+
+
+@router.post(
+    "/password",
+    status_code=204,
+    response_class=Response,
+    responses={
+        400: {"model": ErrorBody, "description": "current password wrong, or the new one refused"},
+        429: {"model": ErrorBody, "description": "too many wrong passwords; see Retry-After"},
+    },
+)
+def change_password(
+    body: PasswordChange, request: Request, caller: CallerDep, state: StateDep, db: SessionDep
+) -> Response:
+    """Changes the caller's own password; the current one is required. Every other session of the
+    user ends (the one making the change stays signed in). Wrong current passwords count as
+    failed logins, so this cannot be used to guess around the login throttle."""
+    address = client_address(request)
+    user_id = caller.user.id
+    with db.begin():
+        user = db.get_one(User, user_id)
+        throttle.lock_account(db, user.email)
+        wait = throttle.retry_after_s(db, email=user.email, address=address, settings=state.settings)
+        if wait is not None:
+            audit(db, action="password.throttled", actor=user, address=address)
+            refusal = HTTPException(
+                429, f"too many wrong passwords: try again in {wait} s", {"Retry-After": str(wait)}
+            )
+        elif not verify_password(user.password_hash, body.current_password):
+            throttle.record_attempt(db, email=user.email, address=address, success=False)
+            audit(db, action="password.change_failed", actor=user, address=address)
+            refusal = HTTPException(400, "the current password is wrong")
+        elif problem := password_problem(body.new_password):
+            refusal = HTTPException(400, problem)
+        else:
+            refusal = None
+            user.password_hash = hash_password(body.new_password)
+            others = delete(WebSession).where(WebSession.user_id == user.id)
+            if caller.session_token is not None:
+                others = others.where(WebSession.token_hash != sha256_hex(caller.session_token))
+            db.execute(others)
+            audit(db, action="password.change", actor=user, address=address)
+    # Raised after the commit: the failed attempt and its audit entry must be kept.
+    if refusal is not None:
+        raise refusal
+    return Response(status_code=204)

@@ -1,5 +1,10 @@
 """Conversations and their messages; replies stream as server-sent events.
 
+Each turn sends the model the conversation's system prompt, then the newest turns that fit the
+prompt budget (ZEUS_MAX_INPUT_TOKENS and the model's context less the reply's max_tokens); older
+turns stay stored and shown, and the conversation records where the model's memory begins. A new
+message too long on its own is refused before anything is stored.
+
 Nothing is lost: the user's message is committed before generation starts, and the reply row
 (status `streaming`) receives its partial text every ZEUS_STREAM_FLUSH_INTERVAL_S, so an instance
 killed mid-reply loses at most that much. The same write reads the stop flag, so a stop sent to
@@ -9,52 +14,67 @@ any instance reaches the one streaming.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Response
+from fastapi import APIRouter, HTTPException, Query, Response
 from fastapi.responses import StreamingResponse
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session
 
-from app.api.deps import CallerDep, SessionDep, StateDep
+from app.api.deps import AdminDep, CallerDep, SessionDep, StateDep
 from app.api.errors import COMMON_RESPONSES, ErrorBody
 from app.api.generation import (
     GuardedStreamingResponse,
+    admitted_submit,
     in_thread,
     in_thread_shielded,
     record_usage,
     sse,
-    submit,
 )
 from app.api.schemas import (
+    ChatDefaults,
     ConversationCreate,
     ConversationOut,
-    ConversationRename,
+    ConversationUpdate,
     GenerationOptions,
     MessageCreate,
     MessageOut,
     RegenerateBody,
+    SearchMatch,
     StopOut,
 )
 from app.db import transaction
 from app.inference.types import GenerationRequest, GenerationResult, SamplingParams, TextDelta
-from app.models import Conversation, Message
+from app.models import (
+    MESSAGE_SEARCH_VECTOR,
+    SEARCH_CONFIG,
+    TITLE_SEARCH_VECTOR,
+    Conversation,
+    Message,
+    SiteSetting,
+)
 from app.state import ZeusState
 from app.telemetry.heartbeat import interrupt_orphaned_replies
 
 log = logging.getLogger("zeus.chat")
 router = APIRouter(prefix="/api/conversations", tags=["conversations"], responses=COMMON_RESPONSES)
+admin_router = APIRouter(prefix="/api/admin", tags=["admin"], responses=COMMON_RESPONSES)
 NOT_FOUND = {404: {"model": ErrorBody, "description": "no such conversation of yours"}}
+REFUSED_SETTING = {
+    400: {"model": ErrorBody, "description": "max_tokens over ZEUS_MAX_NEW_TOKENS, or an empty title"}
+}
 STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "content": {"text/event-stream": {"schema": {"type": "string"}}},
         "description": "events start, delta..., then done or error",
     },
-    400: {"model": ErrorBody, "description": "prompt too long"},
+    400: {"model": ErrorBody, "description": "message too long for the model, or a refused option"},
     409: {"model": ErrorBody, "description": "a reply is already streaming"},
     429: {"model": ErrorBody, "description": "engine full; see Retry-After"},
     **NOT_FOUND,
@@ -62,6 +82,13 @@ STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
 TITLE_LENGTH = 60
 CHAT_TEMPERATURE = 0.7
 CHAT_TOP_P = 0.95
+DEFAULT_SYSTEM_PROMPT_KEY = "default_system_prompt"
+SEARCH_CONVERSATIONS = 50
+SEARCH_MATCHES_PER_CONVERSATION = 5
+# Around the matched words of a search snippet; control characters never appear in chat text the
+# page shows, so they cannot be confused with it, and the page draws them as <mark>.
+MATCH_START, MATCH_END = "\x02", "\x03"
+EXPORT_FORMATS = Literal["markdown", "json"]
 
 
 def own_conversation(db: Session, user_id: int, conversation_id: int) -> Conversation:
@@ -72,8 +99,45 @@ def own_conversation(db: Session, user_id: int, conversation_id: int) -> Convers
     return conversation
 
 
+def default_system_prompt(db: Session) -> str:
+    setting = db.get(SiteSetting, DEFAULT_SYSTEM_PROMPT_KEY)
+    return setting.value if setting is not None else ""
+
+
+@router.get("/defaults", response_model=ChatDefaults)
+def chat_defaults(caller: CallerDep, db: SessionDep) -> ChatDefaults:
+    """What a new conversation starts with (set by an admin: PUT /api/admin/chat-defaults)."""
+    return ChatDefaults(default_system_prompt=default_system_prompt(db))
+
+
+@admin_router.put("/chat-defaults", response_model=ChatDefaults)
+def set_chat_defaults(body: ChatDefaults, caller: AdminDep, db: SessionDep) -> ChatDefaults:
+    """The system prompt of conversations created from now on; existing ones keep theirs."""
+    with db.begin():
+        setting = db.get(SiteSetting, DEFAULT_SYSTEM_PROMPT_KEY)
+        if setting is None:
+            db.add(SiteSetting(key=DEFAULT_SYSTEM_PROMPT_KEY, value=body.default_system_prompt))
+        else:
+            setting.value = body.default_system_prompt
+            setting.updated_at = func.now()
+    return body
+
+
 @router.get("", response_model=list[ConversationOut])
-def list_conversations(caller: CallerDep, db: SessionDep) -> list[Conversation]:
+def list_conversations(
+    caller: CallerDep,
+    db: SessionDep,
+    q: Annotated[
+        str | None,
+        Query(
+            max_length=200,
+            description="search one's titles and messages (web search syntax: words, "
+            '"a phrase", -not, or); each result lists its matching messages',
+        ),
+    ] = None,
+) -> list[Conversation] | list[ConversationOut]:
+    if q is not None and q.strip():
+        return _search(db, caller.user.id, q.strip())
     query = (
         select(Conversation)
         .where(Conversation.user_id == caller.user.id)
@@ -82,27 +146,178 @@ def list_conversations(caller: CallerDep, db: SessionDep) -> list[Conversation]:
     return list(db.scalars(query))
 
 
-@router.post("", response_model=ConversationOut, status_code=201)
-def create_conversation(body: ConversationCreate, caller: CallerDep, db: SessionDep) -> Conversation:
+def _search(db: Session, user_id: int, q: str) -> list[ConversationOut]:
+    """PostgreSQL full-text search; both expressions match the GIN indexes of app/models.py."""
+    parameters = {"user_id": user_id, "q": q.replace("\x00", ""), "limit": SEARCH_CONVERSATIONS}
+    query = f"websearch_to_tsquery('{SEARCH_CONFIG}'::regconfig, :q)"
+    matching_messages = db.execute(
+        text(
+            f"""
+            SELECT m.id, m.conversation_id, m.role,
+                   ts_headline('{SEARCH_CONFIG}'::regconfig, m.content, {query},
+                               'StartSel=' || chr(2) || ', StopSel=' || chr(3) ||
+                               ', MaxWords=24, MinWords=8, MaxFragments=1')
+            FROM messages m JOIN conversations c ON c.id = m.conversation_id
+            WHERE c.user_id = :user_id AND {MESSAGE_SEARCH_VECTOR.replace("content", "m.content")} @@ {query}
+            ORDER BY m.id DESC
+            LIMIT 500
+            """
+        ),
+        parameters,
+    ).all()
+    matches: dict[int, list[SearchMatch]] = {}
+    for message_id, conversation_id, role, snippet in matching_messages:
+        found = matches.setdefault(conversation_id, [])
+        if len(found) < SEARCH_MATCHES_PER_CONVERSATION:
+            found.insert(0, SearchMatch(message_id=message_id, role=role, snippet=snippet))
+    title_ids = db.scalars(
+        text(f"SELECT id FROM conversations WHERE user_id = :user_id AND {TITLE_SEARCH_VECTOR} @@ {query}"),
+        parameters,
+    ).all()
+    ids = set(matches) | set(title_ids)
+    if not ids:
+        return []
+    conversations = db.scalars(
+        select(Conversation)
+        .where(Conversation.id.in_(ids))
+        .order_by(Conversation.updated_at.desc(), Conversation.id.desc())
+        .limit(SEARCH_CONVERSATIONS)
+    )
+    results = []
+    for conversation in conversations:
+        result = ConversationOut.model_validate(conversation)
+        result.matches = matches.get(conversation.id, [])
+        results.append(result)
+    return results
+
+
+@router.post("", response_model=ConversationOut, status_code=201, responses=REFUSED_SETTING)
+def create_conversation(
+    body: ConversationCreate, caller: CallerDep, db: SessionDep, state: StateDep
+) -> Conversation:
+    _check_max_tokens(state, body.max_tokens)
     with db.begin():
-        conversation = Conversation(user_id=caller.user.id, title=(body.title or "").strip())
+        conversation = Conversation(
+            user_id=caller.user.id,
+            title=(body.title or "").strip(),
+            system_prompt=body.system_prompt if body.system_prompt is not None else default_system_prompt(db),
+            temperature=body.temperature,
+            max_tokens=body.max_tokens,
+        )
         db.add(conversation)
         db.flush()
         db.refresh(conversation)
     return conversation
 
 
-@router.patch("/{conversation_id}", response_model=ConversationOut, responses=NOT_FOUND)
-def rename_conversation(
-    conversation_id: int, body: ConversationRename, caller: CallerDep, db: SessionDep
+@router.delete("", status_code=204, response_class=Response)
+def delete_all_conversations(caller: CallerDep, db: SessionDep, state: StateDep) -> Response:
+    """Deletes every conversation of the caller, with their messages; replies streaming stop."""
+    with db.begin():
+        streaming = db.scalars(
+            select(Message.id)
+            .join(Conversation, Conversation.id == Message.conversation_id)
+            .where(Conversation.user_id == caller.user.id, Message.status == "streaming")
+        ).all()
+        db.execute(delete(Conversation).where(Conversation.user_id == caller.user.id))
+    for message_id in streaming:
+        _stop_locally(state, message_id)
+    return Response(status_code=204)
+
+
+def _check_max_tokens(state: ZeusState, max_tokens: int | None) -> None:
+    if max_tokens is not None and max_tokens > state.settings.max_new_tokens:
+        raise HTTPException(
+            400,
+            f"max_tokens {max_tokens} is over the limit of {state.settings.max_new_tokens} "
+            "(ZEUS_MAX_NEW_TOKENS)",
+        )
+
+
+@router.patch(
+    "/{conversation_id}", response_model=ConversationOut, responses={**NOT_FOUND, **REFUSED_SETTING}
+)
+def update_conversation(
+    conversation_id: int, body: ConversationUpdate, caller: CallerDep, db: SessionDep, state: StateDep
 ) -> Conversation:
+    """Changes the title, system prompt, temperature or max_tokens: only the fields sent."""
+    _check_max_tokens(state, body.max_tokens)
+    sent = body.model_fields_set
     with db.begin():
         conversation = own_conversation(db, caller.user.id, conversation_id)
-        conversation.title = body.title.strip()
+        if "title" in sent:
+            if body.title is None or not body.title.strip():
+                raise HTTPException(400, "title must not be empty")
+            conversation.title = body.title.strip()
+        if "system_prompt" in sent:
+            conversation.system_prompt = body.system_prompt or ""
+        if "temperature" in sent:
+            conversation.temperature = body.temperature
+        if "max_tokens" in sent:
+            conversation.max_tokens = body.max_tokens
         conversation.updated_at = func.now()
         db.flush()
         db.refresh(conversation)
     return conversation
+
+
+EXPORT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"text/markdown": {"schema": {"type": "string"}}, "application/json": {"schema": {}}},
+        "description": "the conversation as a download",
+    },
+    **NOT_FOUND,
+}
+
+
+@router.get("/{conversation_id}/export", response_class=Response, responses=EXPORT_RESPONSES)
+def export_conversation(
+    conversation_id: int,
+    caller: CallerDep,
+    db: SessionDep,
+    format: Annotated[EXPORT_FORMATS, Query(description="markdown or json")] = "markdown",
+) -> Response:
+    """The whole conversation (every stored message, with its status) as a file to keep."""
+    with db.begin():
+        conversation = own_conversation(db, caller.user.id, conversation_id)
+        messages = list(
+            db.scalars(select(Message).where(Message.conversation_id == conversation_id).order_by(Message.id))
+        )
+    stem = f"zeus-conversation-{conversation_id}"
+    if format == "json":
+        document = {
+            "id": conversation.id,
+            "title": conversation.title,
+            "created_at": conversation.created_at.isoformat(),
+            "updated_at": conversation.updated_at.isoformat(),
+            "system_prompt": conversation.system_prompt,
+            "temperature": conversation.temperature,
+            "max_tokens": conversation.max_tokens,
+            "messages": [MessageOut.model_validate(message).model_dump(mode="json") for message in messages],
+        }
+        return Response(
+            json.dumps(document, ensure_ascii=False, indent=2),
+            media_type="application/json",
+            headers={"Content-Disposition": f'attachment; filename="{stem}.json"'},
+        )
+    return Response(
+        _markdown_export(conversation, messages),
+        media_type="text/markdown; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{stem}.md"'},
+    )
+
+
+def _markdown_export(conversation: Conversation, messages: list[Message]) -> str:
+    exported = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"# {conversation.title or 'Untitled'}", "", f"_Exported from Zeus on {exported}._", ""]
+    if conversation.system_prompt:
+        lines += ["## System prompt", "", conversation.system_prompt, ""]
+    for message in messages:
+        author = "You" if message.role == "user" else "Zeus" if message.role == "assistant" else message.role
+        status = "" if message.status == "complete" else f" ({message.status})"
+        stamp = message.created_at.strftime("%Y-%m-%d %H:%M UTC")
+        lines += [f"## {author}{status} · {stamp}", "", message.content, ""]
+    return "\n".join(lines)
 
 
 @router.delete("/{conversation_id}", status_code=204, response_class=Response, responses=NOT_FOUND)
@@ -156,10 +371,21 @@ class _PreparedReply:
     user_message_id: int | None
     assistant_message_id: int
     history: tuple[dict[str, str], ...]
-    replaced_message_id: int | None = None
+    params: SamplingParams
+    # Once the engine accepted the request: messages from this id on (but the new reply) go, and
+    # an edited user message takes its new text. A refused request changes neither.
+    replace_from_id: int | None = None
+    edited: tuple[int, str] | None = None
 
 
-def _history(db: Session, conversation_id: int, before_id: int | None = None) -> list[dict[str, str]]:
+@dataclass(frozen=True)
+class _Turn:
+    message_id: int | None
+    role: str
+    content: str
+
+
+def _history(db: Session, conversation_id: int, before_id: int | None = None) -> list[_Turn]:
     query = select(Message).where(Message.conversation_id == conversation_id).order_by(Message.id)
     if before_id is not None:
         query = query.where(Message.id < before_id)
@@ -169,8 +395,62 @@ def _history(db: Session, conversation_id: int, before_id: int | None = None) ->
         # interrupted) are what the user saw, so they stay in the context.
         if message.role == "assistant" and (message.status == "error" or not message.content):
             continue
-        turns.append({"role": message.role, "content": message.content})
+        turns.append(_Turn(message.id, message.role, message.content))
     return turns
+
+
+def _fit_history(
+    state: ZeusState, system_prompt: str, turns: list[_Turn], params: SamplingParams
+) -> tuple[tuple[dict[str, str], ...], int]:
+    """The messages to send: the system prompt, then the newest turns whose prompt fits the
+    budget; and the index in `turns` of the oldest turn kept (0 when every turn fits).
+
+    Budget, in tokens: ZEUS_MAX_INPUT_TOKENS, and the model's context less params.max_tokens. The
+    kept history starts at a user message. Raises 400 when the last turn (the new message) does
+    not fit on its own beside the system prompt, naming the limit and its size."""
+    engine = state.engine
+    budget = min(state.settings.max_input_tokens, max(engine.context_length - params.max_tokens, 0))
+    system = ({"role": "system", "content": system_prompt},) if system_prompt.strip() else ()
+
+    def messages_from(start: int) -> tuple[dict[str, str], ...]:
+        return (*system, *({"role": turn.role, "content": turn.content} for turn in turns[start:]))
+
+    def tokens_from(start: int) -> int:
+        return engine.count_prompt_tokens(GenerationRequest(messages=messages_from(start), params=params))
+
+    # The common case costs one count: everything fits.
+    if tokens_from(0) <= budget:
+        return messages_from(0), 0
+    starts = [index for index, turn in enumerate(turns) if turn.role == "user" and index > 0]
+    alone = len(turns) - 1
+    if not starts or starts[-1] != alone:
+        starts.append(alone)
+    size = tokens_from(alone)
+    if size > budget:
+        raise HTTPException(
+            400,
+            f"prompt too long: {size} tokens for this message alone (with the system prompt), "
+            f"the limit is {budget} tokens (ZEUS_MAX_INPUT_TOKENS {state.settings.max_input_tokens}, "
+            f"the model's context {engine.context_length} less max_tokens {params.max_tokens}): "
+            "shorten it or split it",
+        )
+    # Fewer turns, fewer tokens: the earliest start that fits, by bisection.
+    low, high = 0, len(starts) - 1
+    while low < high:
+        middle = (low + high) // 2
+        if tokens_from(starts[middle]) <= budget:
+            high = middle
+        else:
+            low = middle + 1
+    start = starts[low]
+    return messages_from(start), start
+
+
+def _memory_start(turns: list[_Turn], start: int, new_message_id: int) -> int | None:
+    """What the conversation records as the start of the model's memory (None: all of it)."""
+    if start == 0:
+        return None
+    return turns[start].message_id or new_message_id
 
 
 def _refuse_when_streaming(db: Session, conversation_id: int, stale_after_s: float) -> None:
@@ -182,79 +462,139 @@ def _refuse_when_streaming(db: Session, conversation_id: int, stale_after_s: flo
         raise HTTPException(409, "a reply is still streaming in this conversation: stop it first")
 
 
+def _new_reply(db: Session, state: ZeusState, conversation: Conversation) -> Message:
+    reply = Message(
+        conversation_id=conversation.id,
+        role="assistant",
+        content="",
+        status="streaming",
+        stream_run_id=state.run_id,
+    )
+    db.add(reply)
+    conversation.updated_at = func.now()
+    return reply
+
+
 def _prepare_new_message(
-    state: ZeusState, user_id: int, conversation_id: int, content: str
+    state: ZeusState, user_id: int, conversation_id: int, content: str, options: GenerationOptions | None
 ) -> _PreparedReply:
     with transaction(state.sessions) as db:
         conversation = own_conversation(db, user_id, conversation_id)
         _refuse_when_streaming(db, conversation_id, state.settings.stale_after_s)
-        history = _history(db, conversation_id)
+        params = _sampling(state, options, conversation)
+        turns = [*_history(db, conversation_id), _Turn(None, "user", content)]
+        # Fitted before anything is written: a refused message leaves no row behind.
+        history, start = _fit_history(state, conversation.system_prompt, turns, params)
         user_message = Message(
             conversation_id=conversation_id, role="user", content=content, status="complete"
         )
-        reply = Message(
-            conversation_id=conversation_id,
-            role="assistant",
-            content="",
-            status="streaming",
-            stream_run_id=state.run_id,
-        )
-        db.add_all([user_message, reply])
+        db.add(user_message)
+        reply = _new_reply(db, state, conversation)
         if not conversation.title:
             conversation.title = " ".join(content.split())[:TITLE_LENGTH]
-        conversation.updated_at = func.now()
         db.flush()
+        conversation.context_start_message_id = _memory_start(turns, start, user_message.id)
         return _PreparedReply(
             user_message_id=user_message.id,
             assistant_message_id=reply.id,
-            history=(*history, {"role": "user", "content": content}),
+            history=history,
+            params=params,
         )
 
 
-def _prepare_regeneration(state: ZeusState, user_id: int, conversation_id: int) -> _PreparedReply:
+def _prepare_regeneration(
+    state: ZeusState,
+    user_id: int,
+    conversation_id: int,
+    message_id: int | None,
+    options: GenerationOptions | None,
+) -> _PreparedReply:
     with transaction(state.sessions) as db:
         conversation = own_conversation(db, user_id, conversation_id)
         _refuse_when_streaming(db, conversation_id, state.settings.stale_after_s)
-        last = db.scalar(
-            select(Message)
-            .where(Message.conversation_id == conversation_id)
-            .order_by(Message.id.desc())
-            .limit(1)
-        )
-        replaced = last.id if last is not None and last.role == "assistant" else None
-        history = _history(db, conversation_id, before_id=replaced)
-        if not history or history[-1]["role"] != "user":
+        if message_id is None:
+            last = db.scalar(
+                select(Message)
+                .where(Message.conversation_id == conversation_id)
+                .order_by(Message.id.desc())
+                .limit(1)
+            )
+            replaced = last.id if last is not None and last.role == "assistant" else None
+        else:
+            target = db.get(Message, message_id)
+            if target is None or target.conversation_id != conversation_id or target.role != "assistant":
+                raise HTTPException(404, f"no reply {message_id} in conversation {conversation_id}")
+            replaced = target.id
+        params = _sampling(state, options, conversation)
+        turns = _history(db, conversation_id, before_id=replaced)
+        if not turns or turns[-1].role != "user":
             raise HTTPException(409, "nothing to regenerate: the conversation has no user message to answer")
-        reply = Message(
-            conversation_id=conversation_id,
-            role="assistant",
-            content="",
-            status="streaming",
-            stream_run_id=state.run_id,
-        )
-        db.add(reply)
-        conversation.updated_at = func.now()
+        history, start = _fit_history(state, conversation.system_prompt, turns, params)
+        conversation.context_start_message_id = _memory_start(turns, start, 0)
+        reply = _new_reply(db, state, conversation)
         db.flush()
         return _PreparedReply(
             user_message_id=None,
             assistant_message_id=reply.id,
-            history=tuple(history),
-            replaced_message_id=replaced,
+            history=history,
+            params=params,
+            replace_from_id=replaced,
+        )
+
+
+def _prepare_edit(
+    state: ZeusState,
+    user_id: int,
+    conversation_id: int,
+    message_id: int,
+    content: str,
+    options: GenerationOptions | None,
+) -> _PreparedReply:
+    with transaction(state.sessions) as db:
+        conversation = own_conversation(db, user_id, conversation_id)
+        _refuse_when_streaming(db, conversation_id, state.settings.stale_after_s)
+        target = db.get(Message, message_id)
+        if target is None or target.conversation_id != conversation_id or target.role != "user":
+            raise HTTPException(404, f"no message {message_id} of yours in conversation {conversation_id}")
+        params = _sampling(state, options, conversation)
+        turns = [*_history(db, conversation_id, before_id=message_id), _Turn(message_id, "user", content)]
+        history, start = _fit_history(state, conversation.system_prompt, turns, params)
+        conversation.context_start_message_id = _memory_start(turns, start, message_id)
+        reply = _new_reply(db, state, conversation)
+        db.flush()
+        return _PreparedReply(
+            user_message_id=message_id,
+            assistant_message_id=reply.id,
+            history=history,
+            params=params,
+            replace_from_id=message_id + 1,
+            edited=(message_id, content),
         )
 
 
 def _discard(state: ZeusState, prepared: _PreparedReply) -> None:
     """The engine refused the request: undo the rows, the client was told to try again."""
     ids = [prepared.assistant_message_id]
-    if prepared.user_message_id is not None:
+    if prepared.user_message_id is not None and prepared.edited is None:
         ids.append(prepared.user_message_id)
     with transaction(state.sessions) as db:
         db.execute(delete(Message).where(Message.id.in_(ids)))
 
 
-def _delete_replaced(state: ZeusState, message_id: int) -> None:
+def _replace_later_turns(state: ZeusState, conversation_id: int, prepared: _PreparedReply) -> None:
     with transaction(state.sessions) as db:
-        db.execute(delete(Message).where(Message.id == message_id))
+        if prepared.edited is not None:
+            message_id, content = prepared.edited
+            db.execute(
+                update(Message).where(Message.id == message_id).values(content=content, updated_at=func.now())
+            )
+        db.execute(
+            delete(Message).where(
+                Message.conversation_id == conversation_id,
+                Message.id >= prepared.replace_from_id,
+                Message.id != prepared.assistant_message_id,
+            )
+        )
 
 
 def _flush_partial(state: ZeusState, message_id: int, text: str) -> bool:
@@ -297,17 +637,22 @@ def _save_final(
         )
 
 
-def _sampling(state: ZeusState, options: GenerationOptions | None) -> SamplingParams:
+def _sampling(
+    state: ZeusState, options: GenerationOptions | None, conversation: Conversation
+) -> SamplingParams:
+    """The conversation's settings, overridden by options sent with this one message."""
     options = options or GenerationOptions()
-    if options.max_tokens is not None and options.max_tokens > state.settings.max_new_tokens:
+    max_tokens = options.max_tokens or conversation.max_tokens
+    if max_tokens is not None and max_tokens > state.settings.max_new_tokens:
         raise HTTPException(
             400,
-            f"options.max_tokens {options.max_tokens} is over the limit of {state.settings.max_new_tokens} "
+            f"options.max_tokens {max_tokens} is over the limit of {state.settings.max_new_tokens} "
             "(ZEUS_MAX_NEW_TOKENS)",
         )
+    temperature = options.temperature if options.temperature is not None else conversation.temperature
     return SamplingParams(
-        max_tokens=options.max_tokens or state.settings.max_new_tokens,
-        temperature=CHAT_TEMPERATURE if options.temperature is None else options.temperature,
+        max_tokens=max_tokens or state.settings.max_new_tokens,
+        temperature=CHAT_TEMPERATURE if temperature is None else temperature,
         top_p=CHAT_TOP_P if options.top_p is None else options.top_p,
         seed=options.seed,
         ignore_eos=options.ignore_eos,
@@ -320,19 +665,18 @@ async def _start_reply(
     api_key_id: int | None,
     conversation_id: int,
     prepared: _PreparedReply,
-    params: SamplingParams,
 ) -> StreamingResponse:
     request = GenerationRequest(
-        messages=prepared.history, params=params, request_id=f"msg-{prepared.assistant_message_id}"
+        messages=prepared.history, params=prepared.params, request_id=f"msg-{prepared.assistant_message_id}"
     )
     try:
-        stream = submit(state, request)
+        stream = await admitted_submit(state, request, user_id=caller_user_id, api_key_id=api_key_id)
     except HTTPException:
         await in_thread(_discard, state, prepared)
         raise
     submitted_at = time.monotonic()
-    if prepared.replaced_message_id is not None:
-        await in_thread(_delete_replaced, state, prepared.replaced_message_id)
+    if prepared.replace_from_id is not None:
+        await in_thread(_replace_later_turns, state, conversation_id, prepared)
     started = asyncio.Event()
     events = _reply_events(
         state, caller_user_id, api_key_id, conversation_id, prepared, stream, submitted_at, started
@@ -459,16 +803,37 @@ async def _reply_events(
 async def send_message(
     conversation_id: int, body: MessageCreate, caller: CallerDep, state: StateDep
 ) -> StreamingResponse:
-    # Validated before anything is written: a refused option must not leave a message behind.
-    params = _sampling(state, body.options)
-    prepared = await in_thread(_prepare_new_message, state, caller.user.id, conversation_id, body.content)
-    return await _start_reply(state, caller.user.id, caller.api_key_id, conversation_id, prepared, params)
+    prepared = await in_thread(
+        _prepare_new_message, state, caller.user.id, conversation_id, body.content, body.options
+    )
+    return await _start_reply(state, caller.user.id, caller.api_key_id, conversation_id, prepared)
+
+
+@router.put(
+    "/{conversation_id}/messages/{message_id}", responses=STREAM_RESPONSES, response_class=StreamingResponse
+)
+async def edit_message(
+    conversation_id: int, message_id: int, body: MessageCreate, caller: CallerDep, state: StateDep
+) -> StreamingResponse:
+    """Edits one of your messages and answers it again: every later message is replaced by the
+    new reply (streamed like POST .../messages). A refused request changes nothing."""
+    prepared = await in_thread(
+        _prepare_edit, state, caller.user.id, conversation_id, message_id, body.content, body.options
+    )
+    return await _start_reply(state, caller.user.id, caller.api_key_id, conversation_id, prepared)
 
 
 @router.post("/{conversation_id}/regenerate", responses=STREAM_RESPONSES, response_class=StreamingResponse)
 async def regenerate_reply(
     conversation_id: int, caller: CallerDep, state: StateDep, body: RegenerateBody | None = None
 ) -> StreamingResponse:
-    params = _sampling(state, body.options if body else None)
-    prepared = await in_thread(_prepare_regeneration, state, caller.user.id, conversation_id)
-    return await _start_reply(state, caller.user.id, caller.api_key_id, conversation_id, prepared, params)
+    """Writes a reply again: the last one, or body.message_id (and every later message goes)."""
+    prepared = await in_thread(
+        _prepare_regeneration,
+        state,
+        caller.user.id,
+        conversation_id,
+        body.message_id if body else None,
+        body.options if body else None,
+    )
+    return await _start_reply(state, caller.user.id, caller.api_key_id, conversation_id, prepared)

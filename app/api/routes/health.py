@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 
 from app.api.deps import StateDep
 from app.api.generation import in_thread
-from app.api.schemas import HealthOut, QueueOut
+from app.api.schemas import EngineOut, HealthOut, QueueOut
 from app.db import UNAVAILABLE_ERRORS, describe_db_error, ping
 
 router = APIRouter(tags=["health"])
@@ -37,6 +37,7 @@ async def health(state: StateDep) -> JSONResponse:
         instance=state.instance_name,
         model=state.engine.model_name,
         device=str(state.engine.device),
+        engine=EngineOut(**state.engine_description()),
         db=db,
         queue=QueueOut(
             running=stats.running if stats else 0,
@@ -47,7 +48,10 @@ async def health(state: StateDep) -> JSONResponse:
         in_flight=state.in_flight,
         reason=failure,
     )
-    return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if status == "ok" else 503)
+    content = body.model_dump()
+    if failure is None:
+        del content["reason"]  # present only when the engine failed
+    return JSONResponse(content, status_code=200 if status == "ok" else 503)
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})

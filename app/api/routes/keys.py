@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from fastapi import APIRouter, HTTPException, Request, Response
 from sqlalchemy import select
 
@@ -22,12 +24,15 @@ def list_keys(caller: CallerDep, db: SessionDep) -> list[ApiKey]:
 @router.post("", response_model=KeyCreated, status_code=201, responses={400: {"model": ErrorBody}})
 def create_key(body: KeyCreate, caller: CallerDep, db: SessionDep, request: Request) -> KeyCreated:
     with db.begin():
+        if body.expires_at is not None and body.expires_at <= datetime.now(UTC):
+            raise HTTPException(400, f"expires_at {body.expires_at.isoformat()} is not in the future")
         try:
             created = create_api_key(
                 db, user=caller.user, name=body.name, actor=caller.user, address=client_address(request)
             )
         except AccountError as error:
             raise HTTPException(400, str(error)) from None
+        created.key.expires_at = body.expires_at
     return KeyCreated(id=created.key.id, name=created.key.name, key=created.secret)
 
 

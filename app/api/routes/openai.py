@@ -18,10 +18,10 @@ from app.api.deps import CallerDep, StateDep
 from app.api.errors import OPENAI_RESPONSES
 from app.api.generation import (
     GuardedStreamingResponse,
+    admitted_submit,
     in_thread_shielded,
     record_usage,
     sse,
-    submit,
 )
 from app.api.schemas import MAX_SEED, Text
 from app.inference.types import GenerationRequest, GenerationResult, SamplingParams, TextDelta
@@ -163,7 +163,7 @@ async def chat_completions(
 ) -> Any:
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     generation = _generation_request(body, state, completion_id)
-    stream = submit(state, generation)
+    stream = await admitted_submit(state, generation, user_id=caller.user.id, api_key_id=caller.api_key_id)
     created = int(time.time())
     usage = {"user_id": caller.user.id, "api_key_id": caller.api_key_id, "source": "openai"}
     if body.stream:

@@ -1,5 +1,6 @@
 // The admin dashboard: system (instances, totals, 15-minute charts), users, usage, audit log, API keys.
 
+import { openLimitsDialog } from "./admin-limits.js";
 import { api, describeError } from "./api.js";
 import { currentUser, setupLoginForm, signOut } from "./auth.js";
 import { drawLineChart } from "./charts.js";
@@ -78,6 +79,19 @@ async function handleFailure(panel, error) {
 
 function cell(content, className = null) {
   return h("td", { class: className }, content);
+}
+
+// The engine under the device: "vllm · bfloat16 · awq · TP 2 · KV 34 %" (heartbeat's copy of
+// /api/health's engine); nothing for instances that predate it.
+function engineLine(engine) {
+  if (!engine || !engine.kind) return null;
+  const parts = [engine.kind, engine.dtype];
+  if (engine.quantization) parts.push(engine.quantization);
+  if (engine.tensor_parallel_size > 1) parts.push(`TP ${engine.tensor_parallel_size}`);
+  if (engine.kv_cache_usage !== null && engine.kv_cache_usage !== undefined) {
+    parts.push(`KV ${formatNumber(engine.kv_cache_usage * 100)} %`);
+  }
+  return h("div", { class: "muted", dataset: { engine: engine.kind } }, parts.filter(Boolean).join(" · "));
 }
 
 function emptyRow(table, columns, text) {
@@ -202,7 +216,7 @@ function renderInstances(instances) {
         { dataset: { instance: instance.instance ?? `${instance.host}:${instance.port}` } },
         h("td", {}, h("strong", {}, `${instance.host}:${instance.port}`), instance.model ? h("div", { class: "muted" }, instance.model) : null),
         cell(h("span", { class: `badge badge--${instance.state === "up" ? "up" : "down"}` }, instance.state ?? "unknown")),
-        cell(instance.device ?? "—"),
+        h("td", {}, instance.device ?? "—", engineLine(instance.engine)),
         cell(instance.cpu_percent === null || instance.cpu_percent === undefined ? "—" : `${formatNumber(instance.cpu_percent)} %`, "num"),
         cell(formatBytes(instance.rss_bytes), "num"),
         cell(instance.gpu_memory_bytes ? formatBytes(instance.gpu_memory_bytes) : "—", "num"),
@@ -338,6 +352,20 @@ function userRow(user) {
             onclick: () => resetPassword(user),
           },
           "Reset password",
+        ),
+        h(
+          "button",
+          {
+            class: "btn btn--small",
+            type: "button",
+            "aria-label": `Limits of ${user.email}`,
+            onclick: () =>
+              openLimitsDialog("user", user, () => {
+                panelNotice("users", `Saved the limits of ${user.email}.`, "info");
+                loadUsers();
+              }),
+          },
+          "Limits",
         ),
       ),
     ),
@@ -602,28 +630,51 @@ async function loadKeys() {
         cell(
           h(
             "span",
-            { class: `badge badge--${key.revoked_at ? "disabled" : "active"}` },
-            key.revoked_at ? "revoked" : "active",
+            { class: `badge badge--${key.revoked_at || keyExpired(key) ? "disabled" : "active"}` },
+            key.revoked_at ? "revoked" : keyExpired(key) ? "expired" : "active",
           ),
         ),
         cell(
           key.revoked_at
             ? ""
             : h(
-                "button",
-                {
-                  class: "btn btn--small btn--danger",
-                  type: "button",
-                  "aria-label": `Revoke the key ${key.name} of ${key.email}`,
-                  onclick: () => revokeKey(key),
-                },
-                "Revoke",
+                "div",
+                { class: "row-actions" },
+                h(
+                  "button",
+                  {
+                    class: "btn btn--small btn--danger",
+                    type: "button",
+                    "aria-label": `Revoke the key ${key.name} of ${key.email}`,
+                    onclick: () => revokeKey(key),
+                  },
+                  "Revoke",
+                ),
+                h(
+                  "button",
+                  {
+                    class: "btn btn--small",
+                    type: "button",
+                    "aria-label": `Limits of the key ${key.name} of ${key.email}`,
+                    title: key.expires_at ? `Expires ${formatDateTime(key.expires_at)}` : null,
+                    onclick: () =>
+                      openLimitsDialog("key", key, () => {
+                        panelNotice("keys", `Saved the limits of “${key.name}”.`, "info");
+                        loadKeys();
+                      }),
+                  },
+                  "Limits",
+                ),
               ),
         ),
       ),
     );
   }
   if (keys.length === 0) emptyRow(table, 7, "No API keys.");
+}
+
+function keyExpired(key) {
+  return Boolean(key.expires_at) && new Date(key.expires_at).getTime() <= Date.now();
 }
 
 async function revokeKey(key) {

@@ -1,10 +1,11 @@
-// The chat page: conversations, streaming replies (SSE over fetch), stop, regenerate.
+// The chat page: conversations, streaming replies (SSE over fetch), stop, regenerate any reply,
+// edit and resend, per-conversation settings, search, export, and the model's memory marker.
 
 import { ApiError, api, describeError, send } from "./api.js";
 import { currentUser, setupLoginForm, signOut } from "./auth.js";
 import { $, clear, confirmDialog, formatRelative, h } from "./dom.js";
 import { decorateIcons, icon } from "./icons.js";
-import { renderMarkdown } from "./markdown.js";
+import { copyButton, createReplyRenderer, renderMarkdown } from "./markdown.js";
 import { readServerSentEvents } from "./sse.js";
 
 const STATUS_LABELS = {
@@ -16,6 +17,10 @@ const STATUS_LABELS = {
 const TITLE_LENGTH = 60;
 const RENDER_INTERVAL_MS = 40;
 const POLL_INTERVAL_MS = 2000;
+const SEARCH_DELAY_MS = 250;
+// Search snippets mark the matched words with these (see SearchMatch in app/api/schemas.py).
+const MATCH_START = "\u0002";
+const MATCH_END = "\u0003";
 
 const state = {
   user: null,
@@ -25,6 +30,10 @@ const state = {
   stream: null,
   pollTimer: null,
   noticeTimer: null,
+  searchTimer: null,
+  // Settings chosen before the first message of a new conversation (sent when it is created).
+  draftSettings: null,
+  defaultSystemPrompt: "",
 };
 
 const ui = {
@@ -54,6 +63,19 @@ const ui = {
   send: $("#send"),
   stop: $("#stop"),
   regenerate: $("#regenerate"),
+  search: $("#search"),
+  searchForm: $("#search-form"),
+  searchResults: $("#search-results"),
+  deleteAll: $("#delete-all"),
+  exportMarkdown: $("#export-markdown"),
+  exportJson: $("#export-json"),
+  settingsToggle: $("#settings-toggle"),
+  settingsPanel: $("#settings-panel"),
+  settingsCancel: $("#settings-cancel"),
+  settingsStatus: $("#settings-status"),
+  systemPrompt: $("#system-prompt"),
+  temperature: $("#temperature"),
+  maxTokens: $("#max-tokens"),
 };
 
 const login = setupLoginForm(ui.loginForm, ui.loginError, (user) => enterChat(user));
@@ -289,8 +311,10 @@ function showDraft() {
   if (state.stream) stopGeneration();
   stopPolling();
   state.currentId = null;
+  state.draftSettings = null;
   setConversationHash(null);
   ui.conversationTitle.textContent = "New chat";
+  updateConversationTools();
   renderMessages([]);
   renderConversationList();
   closeSidebarOnNarrow();
@@ -304,6 +328,7 @@ async function openConversation(id, { pushHistory = true } = {}) {
   state.currentId = id;
   if (pushHistory) setConversationHash(id);
   ui.conversationTitle.textContent = findConversation(id)?.title || "Untitled";
+  updateConversationTools();
   renderConversationList();
   closeSidebarOnNarrow();
   await loadMessages(id);
@@ -319,6 +344,7 @@ async function loadMessages(id) {
   }
   if (String(id) !== String(state.currentId)) return;
   renderMessages(messages);
+  drawMemoryMarker();
   // Another tab (or a reload mid-reply) may still be generating: follow it until it settles.
   if (messages.some((message) => message.status === "streaming")) {
     state.pollTimer = setTimeout(() => loadMessages(id), POLL_INTERVAL_MS);
@@ -363,6 +389,8 @@ function messageElement(message) {
   const body = h("div", { class: isUser ? "message__body" : "message__body markdown" });
   if (isUser) body.textContent = message.content;
   else body.append(renderMarkdown(message.content));
+  // The raw text, for Copy and Edit (the body shows it rendered).
+  const source = { text: message.content };
   const article = h(
     "article",
     {
@@ -373,6 +401,8 @@ function messageElement(message) {
     h("div", { class: "message__meta" }, h("span", { class: "message__author" }, isUser ? "You" : "Zeus")),
     body,
   );
+  article.zeusSource = source;
+  article.append(messageActions(article, isUser));
   if (message.id !== undefined) article.dataset.messageId = message.id;
   if (!isUser) {
     setMessageStatus(article, message.status ?? "complete");
@@ -402,20 +432,132 @@ function setMessageStats(article, { completion_tokens: tokens, duration_ms: dura
   meta.append(h("span", { class: "message__stats" }, parts.join(" · ")));
 }
 
-/** Re-renders a growing reply at most every RENDER_INTERVAL_MS, with a cursor while it streams. */
+function messageActions(article, isUser) {
+  const actions = h("div", { class: "message__actions" });
+  if (isUser) {
+    actions.append(
+      h(
+        "button",
+        { class: "btn btn--ghost btn--small", type: "button", "aria-label": "Edit message", onclick: () => startEdit(article) },
+        icon("pencil"),
+        "Edit",
+      ),
+    );
+  } else {
+    actions.append(
+      copyButton("Copy reply", () => article.zeusSource.text, "btn btn--ghost btn--small"),
+      h(
+        "button",
+        {
+          class: "btn btn--ghost btn--small",
+          type: "button",
+          "aria-label": "Regenerate this reply",
+          onclick: () => regenerate(article),
+        },
+        icon("refresh"),
+        "Regenerate",
+      ),
+    );
+  }
+  return actions;
+}
+
+/** The messages after `article` on the page (the turns an edit or a regeneration replaces). */
+function laterMessages(article) {
+  const all = [...ui.messagesInner.querySelectorAll(".message")];
+  return all.slice(all.indexOf(article) + 1);
+}
+
+async function confirmReplacing(article, what) {
+  const later = laterMessages(article).filter((item) => item.dataset.role === "user").length;
+  const replaced = laterMessages(article).length;
+  if (replaced === 0 || (what === "regenerate" && later === 0)) return true;
+  return confirmDialog({
+    title: what === "edit" ? "Edit and resend this message?" : "Regenerate this reply?",
+    message:
+      `The ${replaced} message${replaced === 1 ? "" : "s"} after it will be deleted and replaced by the new reply. ` +
+      "This cannot be undone.",
+    confirmLabel: what === "edit" ? "Replace and resend" : "Replace and regenerate",
+    danger: true,
+  });
+}
+
+function startEdit(article) {
+  if (state.stream || !article.dataset.messageId) return;
+  const body = article.querySelector(".message__body");
+  const input = h("textarea", { class: "message__edit-input", "aria-label": "Edited message", rows: 3 });
+  input.value = article.zeusSource.text;
+  const restore = () => {
+    form.remove();
+    body.hidden = false;
+  };
+  const form = h(
+    "form",
+    {
+      class: "message__edit",
+      onsubmit: async (event) => {
+        event.preventDefault();
+        const content = input.value;
+        if (!content.trim()) return;
+        if (!(await confirmReplacing(article, "edit"))) return;
+        restore();
+        await resendEdited(article, content);
+      },
+    },
+    input,
+    h(
+      "div",
+      { class: "message__edit-actions" },
+      h("button", { class: "btn btn--small", type: "button", onclick: restore }, "Cancel"),
+      h("button", { class: "btn btn--small btn--primary", type: "submit" }, "Save and resend"),
+    ),
+  );
+  input.addEventListener("keydown", (event) => {
+    if (event.key === "Escape") restore();
+  });
+  body.hidden = true;
+  body.after(form);
+  input.focus();
+}
+
+async function resendEdited(article, content) {
+  hideNotice();
+  const later = laterMessages(article);
+  const body = article.querySelector(".message__body");
+  const previous = article.zeusSource.text;
+  for (const item of later) item.hidden = true;
+  body.textContent = content;
+  article.zeusSource.text = content;
+  const reply = messageElement({ role: "assistant", content: "", status: "streaming" });
+  ui.messagesInner.append(reply);
+  scrollToBottom();
+  const ok = await streamReply({
+    conversationId: state.currentId,
+    path: `/api/conversations/${state.currentId}/messages/${article.dataset.messageId}`,
+    method: "PUT",
+    body: { content },
+    reply,
+    replaced: later,
+    retry: () => resendEdited(article, content),
+  });
+  if (!ok) {
+    body.textContent = previous;
+    article.zeusSource.text = previous;
+  }
+}
+
+/** Re-renders a growing reply at most every RENDER_INTERVAL_MS; finished blocks stay as drawn. */
 function replyRenderer(article) {
   const body = article.querySelector(".message__body");
+  const markdown = createReplyRenderer(body);
   let timer = null;
   let latest = "";
   let lastDrawn = 0;
   const draw = (streaming) => {
     const follow = isNearBottom();
-    body.replaceChildren(renderMarkdown(latest));
-    if (streaming) {
-      const cursor = h("span", { class: "cursor", "aria-hidden": "true" });
-      const last = body.lastElementChild;
-      (last && /^(P|LI|H[1-6])$/.test(last.nodeName) ? last : body).append(cursor);
-    }
+    if (streaming) markdown.update(latest);
+    else markdown.finish(latest);
+    article.zeusSource.text = latest;
     lastDrawn = performance.now();
     if (follow) scrollToBottom();
   };
@@ -451,7 +593,17 @@ function parseEventData(data) {
  * `pending` are elements shown optimistically; they are removed again if the server refuses
  * before streaming (429, 400, ...). `replaced` is the old reply that Regenerate hides.
  */
-async function streamReply({ conversationId, path, body, reply, pending = [], replaced = null, retry, draft = null }) {
+async function streamReply({
+  conversationId,
+  path,
+  method = "POST",
+  body,
+  reply,
+  pending = [],
+  replaced = [],
+  retry,
+  draft = null,
+}) {
   const controller = new AbortController();
   const stream = { controller, conversationId, stopRequested: false };
   state.stream = stream;
@@ -463,9 +615,9 @@ async function streamReply({ conversationId, path, body, reply, pending = [], re
   let started = false;
   let finished = false;
   try {
-    const response = await send("POST", path, body, { signal: controller.signal });
+    const response = await send(method, path, body, { signal: controller.signal });
     started = true;
-    replaced?.remove();
+    for (const element of replaced) element.remove();
     for await (const { event, data } of readServerSentEvents(response)) {
       const payload = parseEventData(data);
       if (event === "start") {
@@ -504,7 +656,7 @@ async function streamReply({ conversationId, path, body, reply, pending = [], re
     } else if (!started) {
       for (const element of pending) element.remove();
       reply.remove();
-      if (replaced) replaced.hidden = false;
+      for (const element of replaced) element.hidden = false;
       if (draft !== null && !ui.prompt.value) {
         ui.prompt.value = draft;
         resizePrompt();
@@ -526,12 +678,14 @@ async function streamReply({ conversationId, path, body, reply, pending = [], re
     updateComposer();
     refreshConversationOrder(conversationId);
   }
+  return started;
 }
 
 async function refreshConversationOrder() {
   try {
     state.conversations = await api("GET", "/api/conversations");
     renderConversationList();
+    drawMemoryMarker();
   } catch {
     // The list only reorders; a failure here is shown by the next real action.
   }
@@ -549,11 +703,16 @@ async function submitPrompt() {
   if (state.currentId === null) {
     ui.send.disabled = true;
     try {
-      const conversation = await api("POST", "/api/conversations", { title: titleFrom(content) });
+      const conversation = await api("POST", "/api/conversations", {
+        title: titleFrom(content),
+        ...(state.draftSettings ?? {}),
+      });
+      state.draftSettings = null;
       state.conversations.unshift(conversation);
       state.currentId = conversation.id;
       setConversationHash(conversation.id);
       ui.conversationTitle.textContent = conversation.title || "Untitled";
+      updateConversationTools();
       renderConversationList();
       clear(ui.messagesInner);
     } catch (error) {
@@ -581,22 +740,27 @@ async function submitPrompt() {
   });
 }
 
-async function regenerate() {
+/** Writes a reply again: `target` (a reply on the page, the later turns go with it) or the last. */
+async function regenerate(target = null) {
   if (state.stream || state.currentId === null) return;
-  hideNotice();
-  const messages = ui.messagesInner.querySelectorAll(".message");
+  const messages = [...ui.messagesInner.querySelectorAll(".message")];
   const last = messages[messages.length - 1];
-  const replaced = last?.dataset.role === "assistant" ? last : null;
-  if (replaced) replaced.hidden = true;
+  const chosen = target instanceof Element ? target : last?.dataset.role === "assistant" ? last : null;
+  if (chosen && chosen !== last && !(await confirmReplacing(chosen, "regenerate"))) return;
+  hideNotice();
+  const replaced = chosen ? [chosen, ...laterMessages(chosen)] : [];
+  for (const element of replaced) element.hidden = true;
   const reply = messageElement({ role: "assistant", content: "", status: "streaming" });
   ui.messagesInner.append(reply);
   scrollToBottom();
+  const body = { message_id: chosen?.dataset.messageId ? Number(chosen.dataset.messageId) : undefined };
   await streamReply({
     conversationId: state.currentId,
     path: `/api/conversations/${state.currentId}/regenerate`,
+    body: chosen && chosen !== last ? body : undefined,
     reply,
     replaced,
-    retry: regenerate,
+    retry: () => regenerate(target),
   });
 }
 
@@ -641,6 +805,205 @@ function resizePrompt() {
   ui.prompt.style.height = `${Math.min(ui.prompt.scrollHeight, 220)}px`;
 }
 
+// ---- memory marker, settings, export, search, delete all ----------------------------------------
+
+/** Marks the first message the model still saw on the latest turn: older ones are kept and
+ * shown, but no longer fit its prompt budget. */
+function drawMemoryMarker() {
+  ui.messagesInner.querySelector(".memory-marker")?.remove();
+  const startId = findConversation(state.currentId)?.context_start_message_id;
+  if (startId === null || startId === undefined) return;
+  const first = ui.messagesInner.querySelector(`.message[data-message-id="${CSS.escape(String(startId))}"]`);
+  if (!first || first === ui.messagesInner.querySelector(".message")) return;
+  first.before(
+    h(
+      "div",
+      { class: "memory-marker", role: "note" },
+      h("span", {}, "The model's memory of this conversation begins here"),
+      h(
+        "span",
+        { class: "memory-marker__detail" },
+        "Earlier messages are kept, but no longer fit what the model reads each turn.",
+      ),
+    ),
+  );
+}
+
+function updateConversationTools() {
+  const id = state.currentId;
+  ui.exportMarkdown.hidden = id === null;
+  ui.exportJson.hidden = id === null;
+  if (id !== null) {
+    ui.exportMarkdown.href = `/api/conversations/${encodeURIComponent(id)}/export?format=markdown`;
+    ui.exportJson.href = `/api/conversations/${encodeURIComponent(id)}/export?format=json`;
+  }
+  if (!ui.settingsPanel.hidden) fillSettings();
+}
+
+function currentSettings() {
+  if (state.currentId === null) {
+    return state.draftSettings ?? { system_prompt: state.defaultSystemPrompt, temperature: null, max_tokens: null };
+  }
+  return findConversation(state.currentId) ?? {};
+}
+
+function fillSettings() {
+  const settings = currentSettings();
+  ui.systemPrompt.value = settings.system_prompt ?? "";
+  ui.temperature.value = settings.temperature ?? "";
+  ui.maxTokens.value = settings.max_tokens ?? "";
+  ui.settingsStatus.textContent = "";
+}
+
+function toggleSettings(open = ui.settingsPanel.hidden) {
+  ui.settingsPanel.hidden = !open;
+  ui.settingsToggle.setAttribute("aria-expanded", String(open));
+  if (open) {
+    fillSettings();
+    ui.systemPrompt.focus();
+  }
+}
+
+function numberOrNull(input) {
+  return input.value.trim() === "" ? null : Number(input.value);
+}
+
+async function saveSettings() {
+  if (!ui.settingsPanel.reportValidity()) return;
+  const settings = {
+    system_prompt: ui.systemPrompt.value,
+    temperature: numberOrNull(ui.temperature),
+    max_tokens: numberOrNull(ui.maxTokens),
+  };
+  if (state.currentId === null) {
+    state.draftSettings = settings;
+    ui.settingsStatus.textContent = "Saved: used from the first message.";
+    return;
+  }
+  try {
+    const updated = await api("PATCH", `/api/conversations/${state.currentId}`, settings);
+    Object.assign(findConversation(state.currentId) ?? {}, updated);
+    ui.settingsStatus.textContent = "Saved: used from the next message.";
+  } catch (error) {
+    ui.settingsStatus.textContent = "";
+    showNotice({ kind: "error", text: `Settings not saved: ${describeError(error)}` });
+  }
+}
+
+async function loadDefaults() {
+  try {
+    state.defaultSystemPrompt = (await api("GET", "/api/conversations/defaults")).default_system_prompt ?? "";
+  } catch {
+    state.defaultSystemPrompt = "";
+  }
+}
+
+/** A search snippet as text nodes, the matched words in <mark> (never parsed as HTML). */
+function snippetElement(snippet) {
+  const element = h("span", { class: "search-result__snippet" });
+  const parts = snippet.split(MATCH_START);
+  element.append(parts[0]);
+  for (const part of parts.slice(1)) {
+    const [matched, rest = ""] = part.split(MATCH_END);
+    element.append(h("mark", {}, matched), rest);
+  }
+  return element;
+}
+
+function scheduleSearch() {
+  clearTimeout(state.searchTimer);
+  state.searchTimer = setTimeout(runSearch, SEARCH_DELAY_MS);
+}
+
+async function runSearch() {
+  const query = ui.search.value.trim();
+  if (!query) {
+    ui.searchResults.hidden = true;
+    clear(ui.searchResults);
+    return;
+  }
+  let results;
+  try {
+    results = await api("GET", `/api/conversations?q=${encodeURIComponent(query)}`);
+  } catch (error) {
+    showRequestError(error, runSearch);
+    return;
+  }
+  if (ui.search.value.trim() !== query) return; // a newer search is on its way
+  clear(ui.searchResults);
+  ui.searchResults.hidden = false;
+  if (results.length === 0) {
+    ui.searchResults.append(h("p", { class: "empty-hint" }, `Nothing found for “${query}”.`));
+    return;
+  }
+  const list = h("ul", { class: "search-results__list", "aria-label": "Search results" });
+  for (const conversation of results) {
+    const title = conversation.title || "Untitled";
+    if (conversation.matches.length === 0) {
+      list.append(h("li", {}, resultButton(conversation.id, null, h("strong", {}, title))));
+    }
+    for (const match of conversation.matches) {
+      list.append(
+        h(
+          "li",
+          {},
+          resultButton(
+            conversation.id,
+            match.message_id,
+            h("strong", {}, title),
+            h("span", { class: "search-result__role" }, match.role === "user" ? "You" : "Zeus"),
+            snippetElement(match.snippet),
+          ),
+        ),
+      );
+    }
+  }
+  ui.searchResults.append(list);
+}
+
+function resultButton(conversationId, messageId, ...children) {
+  return h(
+    "button",
+    {
+      class: "search-result",
+      type: "button",
+      onclick: async () => {
+        if (!findConversation(conversationId)) await loadConversations();
+        await openConversation(conversationId);
+        if (messageId !== null) showMessage(messageId);
+      },
+    },
+    ...children,
+  );
+}
+
+function showMessage(messageId) {
+  const target = ui.messagesInner.querySelector(`.message[data-message-id="${CSS.escape(String(messageId))}"]`);
+  if (!target) return;
+  target.scrollIntoView({ block: "center" });
+  target.classList.add("message--found");
+  setTimeout(() => target.classList.remove("message--found"), 2500);
+}
+
+async function deleteAllConversations() {
+  const confirmed = await confirmDialog({
+    title: "Delete all your conversations?",
+    message: `All ${state.conversations.length} conversations and their messages will be deleted. This cannot be undone.`,
+    confirmLabel: "Delete all",
+    danger: true,
+  });
+  if (!confirmed) return;
+  try {
+    await stopGeneration();
+    await api("DELETE", "/api/conversations");
+  } catch (error) {
+    showRequestError(error, null);
+    return;
+  }
+  state.conversations = [];
+  showDraft();
+}
+
 // ---- start-up ---------------------------------------------------------------------------------
 
 async function enterChat(user) {
@@ -649,7 +1012,7 @@ async function enterChat(user) {
   ui.adminLink.hidden = user.role !== "admin";
   showView("chat");
   hideNotice();
-  await loadConversations();
+  await Promise.all([loadConversations(), loadDefaults()]);
   const fromHash = conversationHashId();
   if (fromHash !== null && findConversation(fromHash)) {
     await openConversation(findConversation(fromHash).id, { pushHistory: false });
@@ -687,8 +1050,20 @@ ui.prompt.addEventListener("keydown", (event) => {
 });
 ui.prompt.addEventListener("input", resizePrompt);
 ui.stop.addEventListener("click", stopGeneration);
-ui.regenerate.addEventListener("click", regenerate);
+ui.regenerate.addEventListener("click", () => regenerate());
 ui.newChat.addEventListener("click", showDraft);
+ui.search.addEventListener("input", scheduleSearch);
+ui.searchForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  runSearch();
+});
+ui.deleteAll.addEventListener("click", deleteAllConversations);
+ui.settingsToggle.addEventListener("click", () => toggleSettings());
+ui.settingsCancel.addEventListener("click", () => toggleSettings(false));
+ui.settingsPanel.addEventListener("submit", (event) => {
+  event.preventDefault();
+  saveSettings();
+});
 ui.noticeClose.addEventListener("click", hideNotice);
 ui.logout.addEventListener("click", async () => {
   await stopGeneration();

@@ -1,45 +1,115 @@
-// Markdown to DOM for chat replies, without an HTML parser in the loop: every piece of text becomes
-// a text node, links keep only http(s)/mailto targets, and images are never loaded (shown as links).
-// Raw HTML in the source therefore shows up as literal text. A reply still streaming may end inside
-// a code fence; the open fence simply runs to the end.
+// Markdown, code and math for chat replies, by maintained libraries (vendored from npm, see
+// tools/vendor_static.py): markdown-it parses (CommonMark + tables, strikethrough, autolinks and
+// footnotes), highlight.js colours code, KaTeX typesets $...$ and $$...$$ through
+// markdown-it-texmath. Whatever HTML they produce goes through DOMPurify before it reaches the
+// page, so a reply can never run script:
+// - raw HTML in the source is shown as text (markdown-it's html option is off);
+// - links keep only http(s) and mailto targets; images are never loaded (shown as links);
+// - KaTeX runs untrusted (\href, \url, \htmlClass... render as red source text).
+// While a reply streams, finished blocks are rendered once and kept; only the block still being
+// written is parsed again, so the work per update does not grow with the reply and a selection
+// in the text above survives.
 
-import { highlightInto } from "./highlight.js";
+import DOMPurify from "../vendor/dompurify/purify.es.js";
+import katex from "../vendor/katex/katex.esm.js";
+import markdownit from "../vendor/markdown-it/markdown-it.esm.min.js";
+import footnote from "../vendor/markdown-it-footnote/markdown-it-footnote.esm.js";
+import { highlightCode } from "./highlight.js";
 
-const FENCE_OPEN = /^ {0,3}(`{3,}|~{3,})\s*([^`\s]*)[^`]*$/;
-const HEADING = /^ {0,3}(#{1,6})(?:[ \t]+(.*?))?(?:[ \t]+#+)?[ \t]*$/;
-const RULE = /^ {0,3}([-*_])(?:[ \t]*\1){2,}[ \t]*$/;
-const QUOTE = /^ {0,3}> ?(.*)$/;
-const LIST_ITEM = /^( *)([-*+]|\d{1,9}[.)])[ \t]+(.*)$/;
-const TABLE_DIVIDER = /^ *\|? *:?-{1,}:? *(\| *:?-{1,}:? *)*\|? *$/;
+const texmath = await loadClassicScript("../vendor/markdown-it-texmath/texmath.js", "texmath");
 
-function startsBlock(line, nextLine) {
-  return (
-    FENCE_OPEN.test(line) ||
-    HEADING.test(line) ||
-    RULE.test(line) ||
-    QUOTE.test(line) ||
-    LIST_ITEM.test(line) ||
-    isTableStart(line, nextLine)
-  );
+// markdown-it-texmath ships as a classic script that defines a global function.
+function loadClassicScript(relativeUrl, globalName) {
+  if (window[globalName]) return Promise.resolve(window[globalName]);
+  return new Promise((resolve, reject) => {
+    const script = document.createElement("script");
+    script.src = new URL(relativeUrl, import.meta.url).href;
+    script.onload = () => resolve(window[globalName]);
+    script.onerror = () => reject(new Error(`could not load ${relativeUrl}`));
+    document.head.append(script);
+  });
 }
 
-function isTableStart(line, nextLine) {
-  return line.includes("|") && nextLine !== undefined && TABLE_DIVIDER.test(nextLine) && nextLine.includes("-");
+const SAFE_LINK = /^(?:https?:|mailto:)/i;
+const KATEX_OPTIONS = {
+  throwOnError: false,
+  trust: false,
+  strict: "ignore",
+  output: "htmlAndMathml",
+  // A hostile reply cannot make a formula huge or expand macros for ever.
+  maxSize: 50,
+  maxExpand: 500,
+};
+
+function escapeHtml(text) {
+  return text.replace(/[&<>"']/g, (char) => `&#${char.charCodeAt(0)};`);
 }
 
-function splitTableRow(line) {
-  let row = line.trim();
-  if (row.startsWith("|")) row = row.slice(1);
-  if (row.endsWith("|") && !row.endsWith("\\|")) row = row.slice(0, -1);
-  return row.split(/(?<!\\)\|/).map((cell) => cell.trim().replace(/\\\|/g, "|"));
+function newParser({ footnotes }) {
+  const md = markdownit({
+    html: false,
+    linkify: true,
+    typographer: false,
+    highlight: (code, language) => highlightCode(code, language.toLowerCase()) ?? "",
+  });
+  // markdown-it already refuses javascript:, vbscript: and file:, but allows data: images and
+  // relative links; a reply may link only to the web or to a mail address.
+  md.validateLink = (url) => SAFE_LINK.test(url.trim());
+  md.use(texmath, { engine: katex, delimiters: ["dollars", "brackets"], katexOptions: KATEX_OPTIONS });
+  if (footnotes) md.use(footnote);
+  // An image in a reply would be fetched by every reader: show it as a link to its address.
+  md.renderer.rules.image = (tokens, index) => {
+    const token = tokens[index];
+    const alt = token.content || token.attrGet("src");
+    return `<a href="${escapeHtml(token.attrGet("src"))}">${escapeHtml(alt)}</a>`;
+  };
+  return md;
 }
 
-async function copyText(text) {
+// Footnotes need the whole document (their list goes at the end), so the streaming parser leaves
+// them out and the reply is drawn again with them once it is complete.
+const streamingParser = newParser({ footnotes: false });
+const fullParser = newParser({ footnotes: true });
+
+// Styles come from markdown-it (table alignment) and KaTeX only: raw HTML is escaped, and every
+// generator escapes `"` in text, so ` style="` can only be one of their attributes. It is renamed
+// before DOMPurify parses the markup and applied again through CSSOM in `applyStyles`: a style
+// attribute parsed from markup is refused by the page's Content-Security-Policy (no
+// 'unsafe-inline'), and the parse happens in DOMPurify already.
+function moveStyles(html) {
+  return html.replaceAll(' style="', ' data-zeus-style="');
+}
+
+// SVG and MathML come only from KaTeX; anywhere else they are dropped, whatever produced them.
+DOMPurify.addHook("uponSanitizeElement", (node, data) => {
+  if ((data.tagName === "svg" || data.tagName === "math") && !node.parentElement?.closest(".katex")) {
+    node.remove();
+  }
+});
+
+const PURIFY_OPTIONS = {
+  RETURN_DOM_FRAGMENT: true,
+  // DOMPurify's default minus the schemes a reply has no use for (tel:, cid:, xmpp:...). It is
+  // applied to every attribute value, so values without a scheme (KaTeX's viewBox) must pass.
+  ALLOWED_URI_REGEXP: /^(?:(?:https?|mailto):|[^a-z]|[a-z+.-]+(?:[^a-z+.\-:]|$))/i,
+  FORBID_TAGS: ["style", "img", "image", "form", "input", "button", "textarea", "select", "iframe"],
+  FORBID_ATTR: ["src", "srcset", "xlink:href", "action", "formaction"],
+  ADD_ATTR: ["data-zeus-style"],
+};
+
+function applyStyles(root) {
+  for (const element of root.querySelectorAll("[data-zeus-style]")) {
+    element.style.cssText = element.dataset.zeusStyle;
+    element.removeAttribute("data-zeus-style");
+  }
+}
+
+/** Copies text; falls back to execCommand where the Clipboard API is missing (plain http). */
+export async function copyText(text) {
   if (navigator.clipboard && window.isSecureContext) {
     await navigator.clipboard.writeText(text);
     return;
   }
-  // Plain http on a LAN is not a secure context, so the Clipboard API is missing there.
   const area = document.createElement("textarea");
   area.value = text;
   area.setAttribute("readonly", "");
@@ -51,22 +121,16 @@ async function copyText(text) {
   if (!copied) throw new Error("copy refused by the browser");
 }
 
-function codeBlock(code, language) {
-  const wrapper = document.createElement("div");
-  wrapper.className = "code-block";
-  const header = document.createElement("div");
-  header.className = "code-block__header";
-  const label = document.createElement("span");
-  label.className = "code-block__language";
-  label.textContent = language || "text";
+/** A button that copies `getText()` and says whether it worked. */
+export function copyButton(label, getText, className = "btn btn--small") {
   const button = document.createElement("button");
   button.type = "button";
-  button.className = "btn btn--small code-block__copy";
+  button.className = className;
   button.textContent = "Copy";
-  button.setAttribute("aria-label", `Copy ${language || "text"} code`);
+  button.setAttribute("aria-label", label);
   button.addEventListener("click", async () => {
     try {
-      await copyText(code);
+      await copyText(getText());
       button.textContent = "Copied";
     } catch {
       button.textContent = "Copy failed";
@@ -75,295 +139,140 @@ function codeBlock(code, language) {
       button.textContent = "Copy";
     }, 1500);
   });
-  header.append(label, button);
-  const pre = document.createElement("pre");
-  const codeElement = document.createElement("code");
-  if (language) codeElement.dataset.language = language;
-  highlightInto(codeElement, code, language);
-  pre.append(codeElement);
-  wrapper.append(header, pre);
-  return wrapper;
+  return button;
 }
 
-export function safeLinkTarget(url) {
-  try {
-    const parsed = new URL(url, window.location.href);
-    return ["http:", "https:", "mailto:"].includes(parsed.protocol) ? parsed.href : null;
-  } catch {
-    return null;
+// Code blocks get a header with their language and a copy button; tables scroll on their own;
+// links open in a new tab without telling the target where they came from.
+function decorate(fragment) {
+  for (const pre of fragment.querySelectorAll("pre")) {
+    const code = pre.querySelector("code");
+    if (!code || pre.parentElement?.classList.contains("code-block")) continue;
+    const language = /\blanguage-([^\s]+)/.exec(code.className)?.[1] ?? "";
+    if (language) code.dataset.language = language;
+    code.classList.add("hljs");
+    const wrapper = document.createElement("div");
+    wrapper.className = "code-block";
+    const header = document.createElement("div");
+    header.className = "code-block__header";
+    const label = document.createElement("span");
+    label.className = "code-block__language";
+    label.textContent = language || "text";
+    // markdown-it ends every code block with a newline that is not part of the code.
+    const text = () => code.textContent.replace(/\n$/, "");
+    const button = copyButton(`Copy ${language || "text"} code`, text, "btn btn--small code-block__copy");
+    header.append(label, button);
+    pre.replaceWith(wrapper);
+    wrapper.append(header, pre);
   }
-}
-
-function link(href, children, title) {
-  const target = safeLinkTarget(href);
-  if (!target) return null;
-  const anchor = document.createElement("a");
-  anchor.href = target;
-  anchor.target = "_blank";
-  anchor.rel = "noopener noreferrer nofollow";
-  if (title) anchor.title = title;
-  anchor.append(...children);
-  return anchor;
-}
-
-const INLINE_PATTERNS = [
-  { name: "code", regex: /(`+)([\s\S]*?[^`])\1(?!`)/y },
-  { name: "escape", regex: /\\([!-/:-@[-`{-~])/y },
-  { name: "image", regex: /!\[([^\]\n]*)\]\(\s*<?([^\s)>]+)>?(?:\s+"([^"]*)")?\s*\)/y },
-  { name: "link", regex: /\[((?:[^[\]\n]|\[[^\]\n]*\])+)\]\(\s*<?([^\s)>]+)>?(?:\s+"([^"]*)")?\s*\)/y },
-  { name: "strong", regex: /(\*\*|__)(?=\S)([\s\S]*?\S)\1/y },
-  { name: "em", regex: /([*_])(?=[^\s*_])([\s\S]*?[^\s\\])\1(?![*_])/y },
-  { name: "del", regex: /~~(?=\S)([\s\S]*?\S)~~/y },
-  { name: "url", regex: /https?:\/\/[^\s<>"'`]+/y },
-];
-const INLINE_TRIGGER = /[`\\![*_~h\n]/;
-
-/** Appends inline markdown (code, emphasis, links, line breaks) to parent as DOM nodes. */
-export function renderInline(text, parent, { inLink = false } = {}) {
-  let plain = "";
-  const flush = () => {
-    if (plain) parent.append(document.createTextNode(plain));
-    plain = "";
-  };
-  let index = 0;
-  while (index < text.length) {
-    const char = text[index];
-    if (!INLINE_TRIGGER.test(char)) {
-      plain += char;
-      index += 1;
-      continue;
-    }
-    if (char === "\n") {
-      flush();
-      parent.append(document.createElement("br"));
-      index += 1;
-      continue;
-    }
-    const previous = index > 0 ? text[index - 1] : " ";
-    let matched = false;
-    for (const { name, regex } of INLINE_PATTERNS) {
-      if (name === "url" && (char !== "h" || inLink || /\w/.test(previous))) continue;
-      // Underscores inside words (snake_case, __dunder__) are not emphasis.
-      if ((name === "em" || name === "strong") && char === "_" && /\w/.test(previous)) continue;
-      if ((name === "link" || name === "image") && inLink) continue;
-      regex.lastIndex = index;
-      const found = regex.exec(text);
-      if (!found) continue;
-      if ((name === "em" || name === "strong") && found[1][0] === "_" && /\w/.test(text[regex.lastIndex] ?? "")) continue;
-      let consumed = found[0].length;
-      let node = null;
-      if (name === "code") {
-        node = document.createElement("code");
-        const body = found[2];
-        node.textContent = /^ .* $/.test(body) ? body.slice(1, -1) : body;
-      } else if (name === "escape") {
-        plain += found[1];
-        index += consumed;
-        matched = true;
-        break;
-      } else if (name === "image") {
-        const label = document.createTextNode(`[image: ${found[1] || found[2]}]`);
-        node = link(found[2], [label], found[3]) ?? label;
-      } else if (name === "link") {
-        const children = document.createDocumentFragment();
-        renderInline(found[1], children, { inLink: true });
-        node = link(found[2], [children], found[3]);
-        if (!node) {
-          node = document.createDocumentFragment();
-          renderInline(found[1], node, { inLink: true });
-          node.append(document.createTextNode(` (${found[2]})`));
-        }
-      } else if (name === "strong" || name === "em" || name === "del") {
-        node = document.createElement(name);
-        renderInline(name === "del" ? found[1] : found[2], node, { inLink });
-      } else if (name === "url") {
-        const url = found[0].replace(/[.,:;!?)\]]+$/, "");
-        consumed = url.length;
-        node = link(url, [document.createTextNode(url)]);
-        if (!node) continue;
-      }
-      flush();
-      parent.append(node);
-      index += consumed;
-      matched = true;
-      break;
-    }
-    if (!matched) {
-      plain += char;
-      index += 1;
-    }
+  for (const table of fragment.querySelectorAll("table")) {
+    const scroller = document.createElement("div");
+    scroller.className = "table-scroll";
+    table.replaceWith(scroller);
+    scroller.append(table);
   }
-  flush();
-  return parent;
-}
-
-function paragraph(text) {
-  const element = document.createElement("p");
-  renderInline(text, element);
-  return element;
-}
-
-function parseList(lines, start) {
-  const first = LIST_ITEM.exec(lines[start]);
-  const baseIndent = first[1].length;
-  const ordered = /\d/.test(first[2]);
-  const list = document.createElement(ordered ? "ol" : "ul");
-  if (ordered && Number.parseInt(first[2], 10) !== 1) list.start = Number.parseInt(first[2], 10);
-  let index = start;
-  let loose = false;
-  const items = [];
-  while (index < lines.length) {
-    const marker = LIST_ITEM.exec(lines[index]);
-    if (!marker || marker[1].length !== baseIndent || /\d/.test(marker[2]) !== ordered) break;
-    const contentIndent = marker[1].length + marker[2].length + 1;
-    const itemLines = [marker[3]];
-    index += 1;
-    while (index < lines.length) {
-      const line = lines[index];
-      if (line.trim() === "") {
-        const next = lines[index + 1];
-        const nextIndent = next === undefined ? 0 : next.length - next.trimStart().length;
-        if (next !== undefined && next.trim() !== "" && nextIndent > baseIndent) {
-          loose = loose || !LIST_ITEM.test(next);
-          itemLines.push("");
-          index += 1;
-          continue;
-        }
-        break;
-      }
-      const indent = line.length - line.trimStart().length;
-      if (indent <= baseIndent && (LIST_ITEM.test(line) || startsBlock(line, lines[index + 1]))) break;
-      itemLines.push(indent >= contentIndent ? line.slice(contentIndent) : line.trimStart());
-      index += 1;
-    }
-    items.push(itemLines);
-    // A blank line between items makes the list loose: keep looking for the next item.
-    if (lines[index] !== undefined && lines[index].trim() === "") {
-      const next = lines[index + 1];
-      const nextMarker = next === undefined ? null : LIST_ITEM.exec(next);
-      if (nextMarker && nextMarker[1].length === baseIndent && /\d/.test(nextMarker[2]) === ordered) {
-        loose = true;
-        index += 1;
-      }
-    }
+  for (const anchor of fragment.querySelectorAll("a[href]")) {
+    if (anchor.getAttribute("href").startsWith("#")) continue; // footnote jumps stay in the page
+    anchor.target = "_blank";
+    anchor.rel = "noopener noreferrer nofollow";
   }
-  for (const itemLines of items) {
-    const item = document.createElement("li");
-    const content = renderBlocks(itemLines);
-    if (!loose && content.childNodes.length >= 1 && content.firstChild.nodeName === "P") {
-      // Tight list: the first paragraph's inline content sits directly in the <li>.
-      const firstParagraph = content.firstChild;
-      content.removeChild(firstParagraph);
-      item.append(...firstParagraph.childNodes);
-    }
-    item.append(content);
-    list.append(item);
-  }
-  return { element: list, next: index };
-}
-
-function renderBlocks(lines) {
-  const fragment = document.createDocumentFragment();
-  let index = 0;
-  while (index < lines.length) {
-    const line = lines[index];
-    if (line.trim() === "") {
-      index += 1;
-      continue;
-    }
-    const fence = FENCE_OPEN.exec(line);
-    if (fence) {
-      const marker = fence[1];
-      const indent = line.length - line.trimStart().length;
-      const body = [];
-      index += 1;
-      while (index < lines.length) {
-        const closing = lines[index].trim();
-        if (closing.startsWith(marker[0].repeat(marker.length)) && /^([`~])\1*$/.test(closing)) break;
-        body.push(indent ? lines[index].replace(new RegExp(`^ {0,${indent}}`), "") : lines[index]);
-        index += 1;
-      }
-      index += 1;
-      fragment.append(codeBlock(body.join("\n"), fence[2].toLowerCase()));
-      continue;
-    }
-    const heading = HEADING.exec(line);
-    if (heading) {
-      const element = document.createElement(`h${heading[1].length}`);
-      renderInline(heading[2] ?? "", element);
-      fragment.append(element);
-      index += 1;
-      continue;
-    }
-    if (RULE.test(line)) {
-      fragment.append(document.createElement("hr"));
-      index += 1;
-      continue;
-    }
-    if (QUOTE.test(line)) {
-      const quoted = [];
-      while (index < lines.length && lines[index].trim() !== "") {
-        const match = QUOTE.exec(lines[index]);
-        quoted.push(match ? match[1] : lines[index]);
-        index += 1;
-      }
-      const element = document.createElement("blockquote");
-      element.append(renderBlocks(quoted));
-      fragment.append(element);
-      continue;
-    }
-    if (LIST_ITEM.test(line)) {
-      const { element, next } = parseList(lines, index);
-      fragment.append(element);
-      index = next;
-      continue;
-    }
-    if (isTableStart(line, lines[index + 1])) {
-      const header = splitTableRow(line);
-      const alignments = splitTableRow(lines[index + 1]).map((cell) => {
-        if (cell.startsWith(":") && cell.endsWith(":")) return "center";
-        if (cell.endsWith(":")) return "right";
-        return cell.startsWith(":") ? "left" : "";
-      });
-      index += 2;
-      const table = document.createElement("table");
-      const head = table.createTHead().insertRow();
-      header.forEach((cell, column) => {
-        const th = document.createElement("th");
-        th.scope = "col";
-        if (alignments[column]) th.dataset.align = alignments[column];
-        renderInline(cell, th);
-        head.append(th);
-      });
-      const body = table.createTBody();
-      while (index < lines.length && lines[index].includes("|") && lines[index].trim() !== "") {
-        const row = body.insertRow();
-        splitTableRow(lines[index]).forEach((cell, column) => {
-          if (column >= header.length) return;
-          const td = row.insertCell();
-          if (alignments[column]) td.dataset.align = alignments[column];
-          renderInline(cell, td);
-        });
-        index += 1;
-      }
-      const scroller = document.createElement("div");
-      scroller.className = "table-scroll";
-      scroller.append(table);
-      fragment.append(scroller);
-      continue;
-    }
-    const paragraphLines = [line];
-    index += 1;
-    while (index < lines.length && lines[index].trim() !== "" && !startsBlock(lines[index], lines[index + 1])) {
-      paragraphLines.push(lines[index]);
-      index += 1;
-    }
-    fragment.append(paragraph(paragraphLines.map((text) => text.trim()).join("\n")));
-  }
+  applyStyles(fragment);
   return fragment;
 }
 
-/** Markdown text to a DocumentFragment made only of safe elements and text nodes. */
+function toFragment(md, tokens, env) {
+  const html = md.renderer.render(tokens, md.options, env);
+  return decorate(DOMPurify.sanitize(moveStyles(html), PURIFY_OPTIONS));
+}
+
+let documentCounter = 0;
+
+/** The whole of `text` as a DocumentFragment of safe, decorated DOM. */
 export function renderMarkdown(text) {
-  return renderBlocks(String(text ?? "").replace(/\r\n?/g, "\n").replace(/\t/g, "    ").split("\n"));
+  // Footnote anchors must be unique on a page that shows many replies.
+  const env = { docId: `r${(documentCounter += 1)}` };
+  return toFragment(fullParser, fullParser.parse(text, env), env);
+}
+
+// The indexes of the tokens that start a top-level block (paragraph, list, fence, table...).
+function blockStarts(tokens) {
+  const starts = [];
+  tokens.forEach((token, index) => {
+    if (token.level === 0 && token.nesting !== -1 && token.map) starts.push(index);
+  });
+  return starts;
+}
+
+function offsetOfLine(text, line) {
+  let offset = 0;
+  for (let seen = 0; seen < line; seen += 1) {
+    const next = text.indexOf("\n", offset);
+    if (next < 0) return text.length;
+    offset = next + 1;
+  }
+  return offset;
+}
+
+/**
+ * Draws a reply into `body` while it grows. `update(text)` takes the whole text so far;
+ * `finish(text)` the final one. A block is final once a later block has begun on a complete line
+ * (CommonMark decides block structure line by line), so it is rendered once and never touched
+ * again; the last block is drawn anew on each update, with a blinking cursor after it.
+ */
+export function createReplyRenderer(body) {
+  const done = document.createElement("div");
+  done.className = "markdown__done";
+  const live = document.createElement("div");
+  live.className = "markdown__live";
+  body.replaceChildren(done, live);
+  let committed = 0; // characters of the text already drawn into `done`
+  const env = {};
+
+  const commitFinishedBlocks = (text) => {
+    const pending = text.slice(committed);
+    const lastNewline = pending.lastIndexOf("\n");
+    if (lastNewline < 0) return;
+    const complete = pending.slice(0, lastNewline + 1);
+    const tokens = streamingParser.parse(complete, env);
+    const starts = blockStarts(tokens);
+    if (starts.length < 2) return;
+    const last = starts[starts.length - 1];
+    done.append(toFragment(streamingParser, tokens.slice(0, last), env));
+    committed += offsetOfLine(complete, tokens[last].map[0]);
+  };
+
+  const drawLive = (text, streaming) => {
+    const fragment = toFragment(streamingParser, streamingParser.parse(text.slice(committed), env), env);
+    if (streaming) {
+      const cursor = document.createElement("span");
+      cursor.className = "cursor";
+      cursor.setAttribute("aria-hidden", "true");
+      const lastBlock = fragment.lastElementChild;
+      (lastBlock && /^(P|UL|OL|H[1-6])$/.test(lastBlock.nodeName) ? deepestLast(lastBlock) : fragment).append(cursor);
+    }
+    live.replaceChildren(fragment);
+  };
+
+  return {
+    update(text) {
+      commitFinishedBlocks(text);
+      drawLive(text, true);
+    },
+    finish(text) {
+      // Footnotes and link reference definitions reach back into earlier blocks: such a reply is
+      // drawn once more as a whole. Any other keeps its blocks (and the reader's selection).
+      if (/\[\^|^\s{0,3}\[[^\]]+\]:/m.test(text) || Object.keys(env.references ?? {}).length) {
+        body.replaceChildren(renderMarkdown(text));
+        return;
+      }
+      commitFinishedBlocks(text);
+      drawLive(text, false);
+    },
+  };
+}
+
+function deepestLast(element) {
+  let node = element;
+  while (node.lastElementChild && /^(UL|OL|LI|P)$/.test(node.lastElementChild.nodeName)) node = node.lastElementChild;
+  return node;
 }

