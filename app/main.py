@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -157,6 +158,34 @@ def _mark_down(state: ZeusState) -> None:
         )
 
 
+# How long an instance whose engine failed for good keeps answering 503 on /api/health (nginx
+# and Ansible's status see it; the failed requests' error results reach their clients) before
+# the process exits non-zero, so that its supervisor (systemd, or gunicorn's master for its
+# worker) starts a fresh one.
+ENGINE_FAILURE_GRACE_S = 2.0
+
+
+def exit_process(code: int) -> None:
+    """Leave at once: the engine's thread is dead, an orderly shutdown would wait on it."""
+    logging.shutdown()
+    os._exit(code)
+
+
+async def _exit_when_the_engine_fails(state: ZeusState) -> None:
+    # `failure` (a reason, or None) is the built-in engine's; an engine without it never fails so.
+    # Polled rather than awaited: the engine's thread sets it, and an engine's contract has no event.
+    while True:
+        failure = getattr(state.engine, "failure", None)
+        if failure is not None:
+            break
+        await asyncio.sleep(0.5)
+    log.critical(
+        "engine failed (%s); exiting in %s s so that the service restarts", failure, ENGINE_FAILURE_GRACE_S
+    )
+    await asyncio.sleep(ENGINE_FAILURE_GRACE_S)
+    exit_process(70)  # EX_SOFTWARE
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: ZeusState = app.state.zeus
@@ -170,6 +199,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     except Exception as error:
         log.warning("first heartbeat not written: %s", error)
     beating = asyncio.create_task(heartbeat.run_forever())
+    watching = asyncio.create_task(_exit_when_the_engine_fails(state))
     log.info(
         "instance %s ready: model %s on %s", state.instance_name, state.engine.model_name, state.engine.device
     )
@@ -178,6 +208,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         state.draining = True
         beating.cancel()
+        watching.cancel()
         log.info("draining: finishing in-flight generations (at most %s s)", state.settings.drain_timeout_s)
         await state.engine.shutdown(state.settings.drain_timeout_s)
         with contextlib.suppress(Exception):

@@ -38,6 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-len", type=int, default=64, help="prompt tokens")
     parser.add_argument("--output-len", type=int, default=128, help="output tokens per request")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="engine sampling temperature (0: greedy; the chat page's defaults are 0.7 with --top-p 0.95)",
+    )
+    parser.add_argument("--top-p", type=float, default=1.0, help="engine nucleus sampling threshold")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -93,11 +100,17 @@ async def _closed_loop(
 
 
 async def _run_engine_level(
-    engine: Any, prompts: list[str], output_len: int, concurrency: int, progress: _Progress
+    engine: Any,
+    prompts: list[str],
+    output_len: int,
+    concurrency: int,
+    progress: _Progress,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
 ) -> tuple[list[RequestRecord], float]:
     from app.inference import GenerationRequest, SamplingParams, TextDelta
 
-    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=output_len, temperature=temperature, top_p=top_p, ignore_eos=True)
 
     async def send(prompt: str, record: RequestRecord) -> None:
         async for item in engine.submit(GenerationRequest(prompt=prompt, params=params)):
@@ -204,7 +217,8 @@ async def run(arguments: argparse.Namespace) -> dict[str, Any]:
     print(
         f"model {arguments.model} on {engine.device} ({engine.dtype}), "
         f"torch threads {torch_threads}, "
-        f"input {arguments.input_len} / output {arguments.output_len} tokens, seed {arguments.seed}",
+        f"input {arguments.input_len} / output {arguments.output_len} tokens, seed {arguments.seed}, "
+        f"engine temperature {arguments.temperature}, top_p {arguments.top_p}",
         flush=True,
     )
     # Warm up both paths (first calls pay for allocator and kernel set-up).
@@ -236,7 +250,13 @@ async def run(arguments: argparse.Namespace) -> dict[str, Any]:
                     )
                 else:
                     records, duration = await _run_engine_level(
-                        engine, prompts, arguments.output_len, level, progress
+                        engine,
+                        prompts,
+                        arguments.output_len,
+                        level,
+                        progress,
+                        temperature=arguments.temperature,
+                        top_p=arguments.top_p,
                     )
                 rows.append(
                     {"system": system, "concurrency": level, "metrics": summarize(records, duration, slos)}

@@ -311,7 +311,8 @@ class QueueOut(BaseModel):
 
 
 class HealthOut(BaseModel):
-    status: Literal["ok", "degraded", "starting", "draining"]
+    # "failed": the engine stopped for good (`reason` says why); the process exits and restarts.
+    status: Literal["ok", "degraded", "starting", "draining", "failed"]
     instance: str
     model: str
     device: str
@@ -319,6 +320,7 @@ class HealthOut(BaseModel):
     db: str
     queue: QueueOut
     in_flight: int
+    reason: str | None = None
 
 
 # ----- fair share and quotas (app/access) -----

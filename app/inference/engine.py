@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import logging
 import math
 import threading
@@ -50,10 +51,18 @@ from typing import Any
 import torch
 
 from app.inference.contract import EngineCapabilities, EngineInfo, ToolCallExtraction
-from app.inference.detokenizer import IncrementalDetokenizer, StopStringFilter
 from app.inference.loading import LoadedModel, load_model
 from app.inference.model_runner import ModelRunner, StagedKV, check_supported, to_device
-from app.inference.sampling import make_generator, sample_next_tokens
+from app.inference.outputs import RequestOutput, TokenTexts
+from app.inference.sampling import (
+    INVALID_TOKEN,
+    MIN_TEMPERATURE,
+    Logprobs,
+    SampleOutput,
+    Sampler,
+    make_generator,
+)
+from app.inference.scheduler import Scheduler
 from app.inference.stream import RequestStream
 from app.inference.types import (
     EngineClosedError,
@@ -68,11 +77,19 @@ from app.inference.types import (
     PromptTooLongError,
     SamplingParams,
     TextDelta,
+    TokenLogprob,
 )
 
 logger = logging.getLogger(__name__)
 
 _MAX_STOP_STRINGS = 16
+# OpenAI's ranges (vLLM accepts the same).
+_MAX_TOP_LOGPROBS = 20
+_PENALTY_RANGE = (-2.0, 2.0)
+_LOGIT_BIAS_RANGE = (-100.0, 100.0)
+_SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
+# Scheduler iterations failing one after another before the engine declares itself broken.
+_MAX_FAILED_ITERATIONS = 3
 
 
 @dataclass(frozen=True)
@@ -103,15 +120,22 @@ class _Sequence:
     params: SamplingParams
     prompt_ids: list[int]
     submitted_at: float
-    detokenizer: IncrementalDetokenizer
-    stop_filter: StopStringFilter
+    output: RequestOutput
     generator: torch.Generator | None
     prefilled: int = 0
     staged: StagedKV | None = None  # keys/values of a prompt prefilled in chunks so far
     output_ids: list[int] = field(default_factory=list)
     first_token_at: float | None = None
-    # Tokens consumed since the last TextDelta (a delta may be empty while a character is incomplete).
-    pending_token_count: int = 0
+    # Prefilled alone: a shared prefill that failed is retried one prompt at a time.
+    solo: bool = False
+
+    @property
+    def request_id(self) -> str:
+        return self.stream.request_id
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self.stream.cancel_requested
 
 
 class _ChosenTokens:
@@ -121,8 +145,11 @@ class _ChosenTokens:
     only, not for work queued after it.
     """
 
-    def __init__(self, tokens: torch.Tensor, sequences: list[_Sequence]) -> None:
+    def __init__(
+        self, tokens: torch.Tensor, sequences: list[_Sequence], logprobs: Logprobs | None = None
+    ) -> None:
         self.sequences = sequences
+        self._logprobs = logprobs
         self._ready: torch.cuda.Event | None = None
         if tokens.device.type == "cuda":
             self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
@@ -139,10 +166,19 @@ class _ChosenTokens:
             for sequence in self.sequences
         )
 
-    def read(self) -> list[int]:
+    def read(self) -> tuple[list[int], dict[int, tuple[float, list[int], list[float]]]]:
+        """The tokens, and per row that asked: (chosen logprob, top ids, top logprobs)."""
         if self._ready is not None:
             self._ready.synchronize()
-        return self._host.tolist()
+        return self._host.tolist(), _read_logprobs(self._logprobs)
+
+
+def _read_logprobs(logprobs: Logprobs | None) -> dict[int, tuple[float, list[int], list[float]]]:
+    if logprobs is None:
+        return {}
+    chosen = logprobs.chosen.tolist()
+    top_ids, top_values = logprobs.top_ids.tolist(), logprobs.top_values.tolist()
+    return {row: (chosen[i], top_ids[i], top_values[i]) for i, row in enumerate(logprobs.rows)}
 
 
 @dataclass(eq=False)
@@ -163,15 +199,11 @@ class _Block:
             )
 
 
-def _fill_holes(keep: list[int]) -> list[int]:
-    """New row order after dropping rows: survivors stay in place, the last ones move into the holes.
-
-    Moving a few rows costs less than shifting every row after the first finished one.
-    """
-    count = len(keep)
-    kept = set(keep)
-    movers = [row for row in keep if row >= count]
-    return [row if row in kept else movers.pop() for row in range(count)]
+def functional_pad(values: torch.Tensor, columns: int) -> torch.Tensor:
+    """values [rows, k] with `columns` more columns of zeros (unused: each row reads its own k)."""
+    if columns <= 0:
+        return values
+    return torch.cat([values, values.new_zeros(values.shape[0], columns)], dim=1)
 
 
 class InferenceEngine:
@@ -187,6 +219,11 @@ class InferenceEngine:
         self._runner = ModelRunner(
             loaded.model, loaded.device, max_slots=config.max_batch_size, compile_decode=config.compile_decode
         )
+        self.vocab_size = int(loaded.model.get_output_embeddings().weight.shape[0])
+        self._sampler = Sampler(self.vocab_size, loaded.device)
+        # A second one for rows sampled alone after the batch failed (keeps the first one's cache).
+        self._row_sampler = Sampler(self.vocab_size, loaded.device)
+        self._token_texts = TokenTexts(self._scheduler_tokenizer)
         if self._runner.uses_openblas:
             from threadpoolctl import threadpool_limits
 
@@ -195,9 +232,7 @@ class InferenceEngine:
         self.observer: EngineObserver | None = None
         self._lock = threading.Condition()
         self._incoming: deque[_Sequence] = deque()
-        self._waiting: deque[_Sequence] = deque()
-        self._prefilling: deque[_Sequence] = deque()
-        self._running: list[_Sequence] = []
+        self._scheduler: Scheduler[_Sequence] = Scheduler(config.max_batch_size, config.prefill_chunk_tokens)
         # The running rows' latest tokens, on the device: the next decode step's input.
         self._next_tokens = torch.empty(0, dtype=torch.long, device=loaded.device)
         overlap = config.overlap_host_work
@@ -220,6 +255,25 @@ class InferenceEngine:
         self._tokens_total = 0
         self._steps_total = 0
         self._recent_request_seconds = 10.0
+        self._failure: str | None = None
+        self._failed_iterations = 0
+
+    # The scheduler's queues, under the names the engine has always used.
+    @property
+    def _waiting(self) -> deque[_Sequence]:
+        return self._scheduler.waiting
+
+    @property
+    def _prefilling(self) -> deque[_Sequence]:
+        return self._scheduler.prefilling
+
+    @property
+    def _running(self) -> list[_Sequence]:
+        return self._scheduler.running
+
+    @_running.setter
+    def _running(self, sequences: list[_Sequence]) -> None:
+        self._scheduler.running = sequences
 
     # ----- construction and lifecycle -------------------------------------------------------
 
@@ -273,6 +327,19 @@ class InferenceEngine:
             "tools are not supported by the built-in engine: run this model with ZEUS_ENGINE=vllm",
             param="tools",
         )
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine stopped working for good (its scheduler thread died), else None.
+
+        Once set, submit() refuses everything: /api/health answers 503 with this reason and the
+        process exits so that its supervisor (systemd) starts a fresh one.
+        """
+        return self._failure
+
+    @property
+    def healthy(self) -> bool:
+        return self._failure is None
 
     @property
     def uses_openblas(self) -> bool:
@@ -343,23 +410,98 @@ class InferenceEngine:
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
         return len(self.prompt_token_ids(request))
 
-    def _validate(self, params: SamplingParams, prompt_length: int) -> None:
+    def _checked_params(self, params: SamplingParams, request_id: str) -> SamplingParams:
+        """Refuse what cannot be sampled safely (naming the field and its range); make the rest safe.
+
+        As vLLM: a temperature below 0.01 (but above 0) is raised to 0.01 with a warning, since
+        dividing logits by less overflows. Returns the parameters the engine will use.
+        """
+
+        def finite_in(value: float, low: float, high: float) -> bool:
+            return isinstance(value, int | float) and math.isfinite(value) and low <= value <= high
+
         if params.max_tokens < 1:
-            raise InvalidRequestError(f"max_tokens must be at least 1, got {params.max_tokens}")
+            raise InvalidRequestError(
+                f"max_tokens must be at least 1, got {params.max_tokens}", param="max_tokens"
+            )
         if params.max_tokens > self.config.max_new_tokens:
             raise InvalidRequestError(
-                f"max_tokens {params.max_tokens} exceeds the limit of {self.config.max_new_tokens}"
+                f"max_tokens {params.max_tokens} exceeds the limit of {self.config.max_new_tokens}",
+                param="max_tokens",
             )
-        if not (math.isfinite(params.temperature) and params.temperature >= 0):
-            raise InvalidRequestError(f"temperature must be 0 or more, got {params.temperature}")
-        if not 0 < params.top_p <= 1:
-            raise InvalidRequestError(f"top_p must be in (0, 1], got {params.top_p}")
-        if params.top_k < 0:
-            raise InvalidRequestError(f"top_k must be 0 (off) or more, got {params.top_k}")
+        if not finite_in(params.temperature, 0.0, math.inf):
+            raise InvalidRequestError(
+                f"temperature must be a finite number, 0 (greedy) or more, got {params.temperature}",
+                param="temperature",
+            )
+        if not (finite_in(params.top_p, 0.0, 1.0) and params.top_p > 0):
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {params.top_p}", param="top_p")
+        if not isinstance(params.top_k, int) or params.top_k < -1:
+            raise InvalidRequestError(
+                f"top_k must be 0 or -1 (off) or a positive integer, got {params.top_k}", param="top_k"
+            )
+        if not finite_in(params.min_p, 0.0, 1.0):
+            raise InvalidRequestError(f"min_p must be in [0, 1], got {params.min_p}", param="min_p")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(params, name)
+            if not finite_in(value, *_PENALTY_RANGE):
+                raise InvalidRequestError(f"{name} must be in [-2, 2], got {value}", param=name)
+        if not (finite_in(params.repetition_penalty, 0.0, math.inf) and params.repetition_penalty > 0):
+            raise InvalidRequestError(
+                "repetition_penalty must be a finite number above 0 (1 is off), "
+                f"got {params.repetition_penalty}",
+                param="repetition_penalty",
+            )
+        for token_id, bias in params.logit_bias:
+            if not isinstance(token_id, int) or not 0 <= token_id < self.vocab_size:
+                raise InvalidRequestError(
+                    f"logit_bias token ids must be in [0, {self.vocab_size - 1}], got {token_id}",
+                    param="logit_bias",
+                )
+            if not finite_in(bias, *_LOGIT_BIAS_RANGE):
+                raise InvalidRequestError(
+                    f"logit_bias values must be in [-100, 100], got {bias} for token {token_id}",
+                    param="logit_bias",
+                )
+        if params.seed is not None and not (
+            isinstance(params.seed, int) and _SEED_RANGE[0] <= params.seed <= _SEED_RANGE[1]
+        ):
+            raise InvalidRequestError(
+                f"seed must be an integer in [-2^63, 2^64 - 1], got {params.seed}", param="seed"
+            )
+        if params.logprobs is not None and not 0 <= params.logprobs <= _MAX_TOP_LOGPROBS:
+            raise InvalidRequestError(
+                f"top_logprobs must be in [0, {_MAX_TOP_LOGPROBS}], got {params.logprobs}",
+                param="top_logprobs",
+            )
         if len(params.stop) > _MAX_STOP_STRINGS:
-            raise InvalidRequestError(f"at most {_MAX_STOP_STRINGS} stop strings, got {len(params.stop)}")
+            raise InvalidRequestError(
+                f"at most {_MAX_STOP_STRINGS} stop strings, got {len(params.stop)}", param="stop"
+            )
+        if params.structured is not None:
+            raise InvalidRequestError(
+                "structured output is not supported by the built-in engine: "
+                "run this model with ZEUS_ENGINE=vllm",
+                param="response_format",
+            )
+        changes: dict[str, Any] = {}
+        if 0 < params.temperature < MIN_TEMPERATURE:
+            logger.warning(
+                "request %s: temperature %s is less than %s, which may cause numerical errors (nan or "
+                "inf); raised to %s",
+                request_id or "?",
+                params.temperature,
+                MIN_TEMPERATURE,
+                MIN_TEMPERATURE,
+            )
+            changes["temperature"] = MIN_TEMPERATURE
+        if params.top_k == -1:
+            changes["top_k"] = 0
+        return dataclasses.replace(params, **changes) if changes else params
+
+    def _check_prompt(self, params: SamplingParams, prompt_length: int) -> None:
         if prompt_length == 0:
-            raise InvalidRequestError("the prompt is empty")
+            raise InvalidRequestError("the prompt is empty", param="messages")
         if prompt_length > self.config.max_input_tokens:
             raise PromptTooLongError(
                 f"the prompt has {prompt_length} tokens; the limit is {self.config.max_input_tokens}",
@@ -378,19 +520,21 @@ class InferenceEngine:
 
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Queue a request; raises at once when it cannot be served (see types.py for the errors)."""
+        if self._failure is not None:
+            raise EngineClosedError(f"the engine has failed and will restart: {self._failure}")
         if not self._accepting:
             raise EngineClosedError("the engine is not accepting requests (not started or shutting down)")
+        params = self._checked_params(request.params, request.request_id)
         prompt_ids = self.prompt_token_ids(request)
-        self._validate(request.params, len(prompt_ids))
+        self._check_prompt(params, len(prompt_ids))
         stream = RequestStream(request.request_id, len(prompt_ids), self._wake)
         sequence = _Sequence(
             stream=stream,
-            params=request.params,
+            params=params,
             prompt_ids=prompt_ids,
             submitted_at=time.monotonic(),
-            detokenizer=IncrementalDetokenizer(self._scheduler_tokenizer, prompt_ids),
-            stop_filter=StopStringFilter(request.params.stop),
-            generator=make_generator(request.params, self._loaded.device),
+            output=RequestOutput(request.request_id, self._scheduler_tokenizer, prompt_ids, params.stop),
+            generator=make_generator(params, self._loaded.device),
         )
         with self._lock:
             if not self._accepting:
@@ -422,6 +566,12 @@ class InferenceEngine:
     # ----- scheduler thread ------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._schedule_forever()
+        except BaseException as error:
+            self._die(error)
+
+    def _schedule_forever(self) -> None:
         with torch.inference_mode():
             while True:
                 with self._lock:
@@ -440,11 +590,38 @@ class InferenceEngine:
                     continue
                 try:
                     self._iteration()
+                    self._failed_iterations = 0
                 except Exception as error:
-                    logger.exception("engine step failed; failing the affected requests")
-                    self._fail_everything(error)
+                    # Everything a single request can break is caught closer to it; this is the
+                    # scheduler's own fault or the device's. What was in flight cannot be trusted.
+                    self._failed_iterations += 1
+                    self._fail_in_flight(error)
+                    if self._failed_iterations >= _MAX_FAILED_ITERATIONS:
+                        raise
                 if not self._running:
                     self._flush_outbox()
+
+    def _die(self, error: BaseException) -> None:
+        """The scheduler thread is ending on an error: refuse new work, end every request, say why."""
+        self._failure = f"the scheduler thread stopped: {type(error).__name__}: {error}"
+        logger.critical("engine failed, it serves nothing more: %s", self._failure, exc_info=error)
+        with self._lock:
+            self._accepting = False
+            stranded = [*self._incoming, *self._waiting, *self._prefilling, *self._between, *self._running]
+            self._incoming.clear()
+            self._waiting.clear()
+        message = "the engine failed while serving this request; please retry (the server restarts)"
+        for sequence in stranded:
+            if not sequence.stream.finished:
+                try:
+                    self._finish(sequence, "error", error=message)
+                except Exception:
+                    logger.exception("could not end request %s", sequence.request_id)
+        self._prefilling.clear()
+        self._between.clear()
+        self._running = []
+        self._unread = None
+        self._flush_outbox()
 
     def _iteration(self) -> None:
         if self._runner.uses_openblas:
@@ -455,8 +632,7 @@ class InferenceEngine:
         started = time.monotonic()
         tokens_before = self._tokens_total
         self._drop_cancelled()
-        while self._waiting and len(self._running) + len(self._prefilling) < self.config.max_batch_size:
-            self._prefilling.append(self._waiting.popleft())
+        self._scheduler.admit()
         ready = self._prefill()
         if ready:
             self._join(ready)
@@ -472,50 +648,51 @@ class InferenceEngine:
         )
 
     def _drop_cancelled(self) -> None:
-        for queue in (self._waiting, self._prefilling):
-            for sequence in [s for s in queue if s.stream.cancel_requested]:
-                queue.remove(sequence)
-                self._finish(sequence, "cancelled")
-        keep = [row for row, s in enumerate(self._running) if not s.stream.cancel_requested]
-        if len(keep) < len(self._running):
-            for sequence in self._running:
-                if sequence.stream.cancel_requested:
-                    self._finish(sequence, "cancelled")
+        cancelled, keep = self._scheduler.take_cancelled()
+        for sequence in cancelled:
+            self._finish(sequence, "cancelled")
+        if keep is not None:
             self._keep_rows(keep)
 
     def _prefill(self) -> list[_Block]:
         """Prefill admitted prompts within this iteration's token budget; return blocks ready to decode.
 
         Short prompts that wait together are prefilled together (one right-padded forward pass);
-        a prompt longer than a chunk is prefilled alone, one chunk per iteration.
+        a prompt longer than a chunk is prefilled alone, one chunk per iteration. A shared prefill
+        that fails is retried one prompt at a time, so that only a prompt that fails alone fails.
         """
-        chunk_limit = self.config.prefill_chunk_tokens
-        # With nothing decoding there is nobody to stall: take a larger share of the queue at once.
-        budget = chunk_limit if self._running else 4 * chunk_limit
+        budget = self._scheduler.prefill_budget()
         ready: list[_Block] = []
-        while self._prefilling and budget > 0:
-            head = self._prefilling[0]
-            if head.prefilled == 0 and len(head.prompt_ids) <= chunk_limit:
-                group = self._take_prefill_group(budget)
-                block, logits = self._prefill_group(group)
-                budget -= len(group) * max(block.lengths)
-            else:
-                chunk = min(len(head.prompt_ids) - head.prefilled, budget, chunk_limit)
-                logits = self._prefill_chunk(head, chunk)
-                budget -= chunk
-                if head.prefilled < len(head.prompt_ids):
+        while (work := self._scheduler.next_prefill(budget)) is not None:
+            budget -= work.cost
+            if work.chunk is None:
+                group = work.sequences
+                self._between.extend(group)
+                try:
+                    block, logits = self._prefill_group(group)
+                except Exception as error:
+                    self._prefill_failed(group, error)
                     continue
-                self._between.append(self._prefilling.popleft())
+            else:
+                head = work.sequences[0]
+                try:
+                    logits = self._prefill_chunk(head, work.chunk)
+                except Exception as error:
+                    self._prefilling.remove(head)
+                    self._fail(head, "prefilling the prompt", error)
+                    continue
+                if not self._scheduler.chunk_done(head):
+                    continue
+                self._between.append(head)
                 assert head.staged is not None
                 block = _Block(sequences=[head], staged=head.staged, lengths=[head.prefilled])
                 head.staged = None
-            tokens = sample_next_tokens(
-                logits, [s.params for s in block.sequences], [s.generator for s in block.sequences]
-            ).tolist()
+            sampled = self._sample(logits, block.sequences)
+            tokens, logprobs = _ChosenTokens(sampled.tokens, block.sequences, sampled.logprobs).read()
             keep = [
                 row
                 for row, (sequence, token) in enumerate(zip(block.sequences, tokens, strict=True))
-                if not self._accept_token(sequence, token)
+                if not sequence.stream.finished and not self._accept_token(sequence, token, logprobs.get(row))
             ]
             if keep:
                 block.keep(keep)
@@ -524,20 +701,19 @@ class InferenceEngine:
             self._flush_outbox()
         return ready
 
-    def _take_prefill_group(self, budget: float) -> list[_Sequence]:
-        chunk_limit = self.config.prefill_chunk_tokens
-        group = [self._prefilling.popleft()]
-        self._between.append(group[0])
-        width = len(group[0].prompt_ids)
-        while self._prefilling and self._prefilling[0].prefilled == 0:
-            length = len(self._prefilling[0].prompt_ids)
-            padded_total = max(width, length) * (len(group) + 1)
-            if length > chunk_limit or padded_total > budget:
-                break
-            group.append(self._prefilling.popleft())
-            self._between.append(group[-1])
-            width = max(width, length)
-        return group
+    def _prefill_failed(self, group: list[_Sequence], error: Exception) -> None:
+        for sequence in group:
+            self._between.remove(sequence)
+        if len(group) == 1:
+            self._fail(group[0], "prefilling the prompt", error)
+            return
+        logger.warning(
+            "a shared prefill of requests %s failed (%s: %s); prefilling them one at a time",
+            ", ".join(s.request_id or "?" for s in group),
+            type(error).__name__,
+            error,
+        )
+        self._scheduler.retry_alone(group)
 
     def _prefill_group(self, group: list[_Sequence]) -> tuple[_Block, torch.Tensor]:
         logits, staged = self._runner.prefill([s.prompt_ids for s in group])
@@ -553,11 +729,48 @@ class InferenceEngine:
         sequence.prefilled += chunk
         return logits
 
+    def _sample(self, logits: torch.Tensor, sequences: list[_Sequence]) -> SampleOutput:
+        """Sample the batch in one pass; if that raises, row by row, ending only the rows that fail."""
+        try:
+            return self._sampler(logits, sequences)
+        except Exception as error:
+            logger.warning(
+                "sampling a batch of %d failed (%s: %s); sampling its rows one at a time",
+                len(sequences),
+                type(error).__name__,
+                error,
+            )
+        tokens: list[torch.Tensor] = []
+        rows: list[int] = []
+        chosen: list[torch.Tensor] = []
+        top_ids: list[torch.Tensor] = []
+        top_values: list[torch.Tensor] = []
+        width = max((s.params.logprobs or 0 for s in sequences), default=0)
+        for row, sequence in enumerate(sequences):
+            try:
+                alone = self._row_sampler(logits[row : row + 1], [sequence])
+            except Exception as error:
+                self._fail(sequence, "sampling the next token", error)
+                tokens.append(torch.full((1,), INVALID_TOKEN, dtype=torch.long, device=logits.device))
+                continue
+            tokens.append(alone.tokens)
+            if alone.logprobs is not None:
+                # Padded to the widest request of the batch; each row reads its own columns only.
+                pad = max(width, 1) - alone.logprobs.top_ids.shape[1]
+                rows.append(row)
+                chosen.append(alone.logprobs.chosen)
+                top_ids.append(functional_pad(alone.logprobs.top_ids, pad))
+                top_values.append(functional_pad(alone.logprobs.top_values, pad))
+        logprobs = None
+        if rows:
+            logprobs = Logprobs(rows, torch.cat(chosen), torch.cat(top_ids), torch.cat(top_values))
+        return SampleOutput(torch.cat(tokens), logprobs)
+
     def _join(self, blocks: list[_Block]) -> None:
         """Freshly prefilled blocks join the running batch in the slots after the running rows."""
         for block in blocks:
             self._runner.add_rows(block.staged, block.lengths)
-            self._running.extend(block.sequences)
+            self._scheduler.join(block.sequences)
         first_tokens = [sequence.output_ids[-1] for block in blocks for sequence in block.sequences]
         self._next_tokens = torch.cat([self._next_tokens, to_device(first_tokens, self._loaded.device)])
 
@@ -573,56 +786,103 @@ class InferenceEngine:
         # The previous step's text reaches the event loop now: its thread then works while this
         # thread computes (torch releases the GIL), instead of both contending for the GIL in between.
         self._flush_outbox()
-        logits = self._runner.decode(self._next_tokens)
-        self._next_tokens = sample_next_tokens(
-            logits,
-            [s.params for s in self._running],
-            [s.generator for s in self._running],
-        )
+        logits = self._decode_or_fail()
+        if logits is None:
+            return
+        sampled = self._sample(logits, self._running)
+        # A row whose sampling failed is already finished; the next step still needs a valid id.
+        self._next_tokens = sampled.tokens.clamp(min=0)
         self._steps_total += 1
-        chosen = _ChosenTokens(self._next_tokens, list(self._running))
+        chosen = _ChosenTokens(sampled.tokens, list(self._running), sampled.logprobs)
         if self._overlap_host_work:
             chosen, self._unread = self._unread, chosen
             if chosen is None:
                 return
         self._accept_step(chosen)
 
+    def _decode_or_fail(self) -> torch.Tensor | None:
+        """One decode step, tried twice; when both fail, the running rows fail and the engine goes on.
+
+        A failed step leaves the cache as it was (the rows' lengths only advance on success), so
+        a transient failure (out of memory while others allocate) costs one retry and no request.
+        """
+        try:
+            return self._runner.decode(self._next_tokens)
+        except Exception as error:
+            logger.warning("decode step failed (%s: %s); retrying once", type(error).__name__, error)
+        if self._loaded.device.type == "cuda":
+            torch.cuda.empty_cache()
+        try:
+            return self._runner.decode(self._next_tokens)
+        except Exception as error:
+            logger.error(
+                "decode step failed twice (%s: %s); ending running requests %s",
+                type(error).__name__,
+                error,
+                ", ".join(s.request_id or "?" for s in self._running),
+            )
+            message = f"the engine failed while generating this reply ({type(error).__name__}); please retry"
+            for sequence in self._running:
+                if not sequence.stream.finished:
+                    self._finish(sequence, "error", error=message)
+            self._clear_running()
+            return None
+
     def _accept_step(self, chosen: _ChosenTokens) -> None:
         """Take in a step's tokens and drop the rows they finished from the running batch."""
-        for sequence, token in zip(chosen.sequences, chosen.read(), strict=True):
+        tokens, logprobs = chosen.read()
+        for row, (sequence, token) in enumerate(zip(chosen.sequences, tokens, strict=True)):
             # A sequence may have finished since the step ran (cancelled, or one step earlier).
             if not sequence.stream.finished:
-                self._accept_token(sequence, token)
+                self._accept_token(sequence, token, logprobs.get(row))
         keep = [row for row, sequence in enumerate(self._running) if not sequence.stream.finished]
         if len(keep) < len(self._running):
             self._keep_rows(keep)
 
     def _keep_rows(self, keep: list[int]) -> None:
         """Drop finished rows from the running batch at once, freeing their share of the cache."""
-        order = _fill_holes(keep)
-        self._running = [self._running[row] for row in order]
+        order = self._scheduler.keep_running(keep)
         self._runner.keep_rows(order)
         self._next_tokens = self._next_tokens[to_device(order, self._loaded.device)]
         if not self._running:
             self._unread = None  # every row it holds has finished
 
-    def _accept_token(self, sequence: _Sequence, token: int) -> bool:
-        """Record a sampled token, queue its text; True when the sequence is finished (and reported)."""
+    def _accept_token(
+        self, sequence: _Sequence, token: int, logprobs: tuple[float, list[int], list[float]] | None
+    ) -> bool:
+        """Record a sampled token, queue its text; True when the sequence is finished (and reported).
+
+        Whatever goes wrong here (the model's numbers, detokenizing, stop strings) ends this
+        sequence alone, with an error result for its own client.
+        """
+        if token == INVALID_TOKEN:
+            self._fail(sequence, "sampling the next token", ValueError("the model's scores were not finite"))
+            return True
+        try:
+            return self._take_token(sequence, token, logprobs)
+        except Exception as error:
+            self._fail(sequence, "turning tokens into text", error)
+            return True
+
+    def _take_token(
+        self, sequence: _Sequence, token: int, logprobs: tuple[float, list[int], list[float]] | None
+    ) -> bool:
         now = time.monotonic()
         sequence.output_ids.append(token)
-        sequence.pending_token_count += 1
         self._tokens_total += 1
         if sequence.first_token_at is None:
             sequence.first_token_at = now
             self._notify("on_first_token", now - sequence.submitted_at)
+        entry = None
+        if logprobs is not None:
+            chosen, top_ids, top_values = logprobs
+            count = sequence.params.logprobs or 0
+            text = self._token_texts
+            top = tuple((text(i), v) for i, v in zip(top_ids[:count], top_values[:count], strict=True))
+            entry = TokenLogprob(token_id=token, token=text(token), logprob=chosen, top=top)
         is_eos = token in self._loaded.eos_token_ids and not sequence.params.ignore_eos
-        if not is_eos:
-            text = sequence.stop_filter.feed(sequence.detokenizer.add_token(token))
-            self._emit_text(sequence, text)
-            if sequence.stop_filter.stopped:
-                self._finish(sequence, "stop")
-                return True
-        if is_eos:
+        self._emit(sequence, sequence.output.add_token(token, entry, is_eos))
+        if sequence.output.stopped or is_eos:
             self._finish(sequence, "stop")
             return True
         if len(sequence.output_ids) >= sequence.params.max_tokens:
@@ -630,21 +890,37 @@ class InferenceEngine:
             return True
         return False
 
-    def _emit_text(self, sequence: _Sequence, text: str) -> None:
-        if text:
-            delta = TextDelta(text=text, token_count=sequence.pending_token_count)
+    def _emit(self, sequence: _Sequence, delta: TextDelta | None) -> None:
+        if delta is not None:
             self._outbox.append((sequence.stream, delta))
-            sequence.pending_token_count = 0
+
+    def _fail(self, sequence: _Sequence, stage: str, error: Exception) -> None:
+        """End one sequence with an error meant for its own client; the others go on."""
+        logger.error(
+            "request %s failed while %s: %s: %s",
+            sequence.request_id or "?",
+            stage,
+            type(error).__name__,
+            error,
+            exc_info=error,
+        )
+        if not sequence.stream.finished:
+            self._finish(
+                sequence, "error", error=f"generation failed while {stage}: {type(error).__name__}: {error}"
+            )
 
     def _finish(self, sequence: _Sequence, reason: FinishReason, error: str | None = None) -> None:
-        if reason in ("length", "stop") and not sequence.stop_filter.stopped:
-            tail = sequence.stop_filter.feed(sequence.detokenizer.flush())
-            self._emit_text(sequence, tail + sequence.stop_filter.flush())
+        if reason in ("length", "stop"):
+            try:
+                self._emit(sequence, sequence.output.finish())
+            except Exception as failure:
+                logger.exception("request %s: releasing its last text failed", sequence.request_id or "?")
+                reason, error = "error", f"generation failed while turning tokens into text: {failure}"
         now = time.monotonic()
         first = sequence.first_token_at
         result = GenerationResult(
             finish_reason=reason,
-            text=sequence.stop_filter.text,
+            text=sequence.output.text,
             prompt_tokens=len(sequence.prompt_ids),
             completion_tokens=len(sequence.output_ids),
             ttft_s=None if first is None else first - sequence.submitted_at,
@@ -652,6 +928,7 @@ class InferenceEngine:
             e2e_s=now - sequence.submitted_at,
             error=error,
             token_ids=tuple(sequence.output_ids),
+            logprobs=tuple(sequence.output.logprobs),
         )
         sequence.staged = None
         sequence.stream.finished = True
@@ -675,10 +952,18 @@ class InferenceEngine:
         self._unread = None
         self._runner.release()
 
-    def _fail_everything(self, error: Exception) -> None:
-        message = f"{type(error).__name__}: {error}"
-        stranded = [s for s in self._between if not s.stream.finished]
-        for sequence in [*self._prefilling, *stranded, *self._running]:
+    def _fail_in_flight(self, error: Exception) -> None:
+        """An iteration failed outside any one request: end what it had in hand, keep the queue."""
+        in_flight = [s for s in [*self._prefilling, *self._between, *self._running] if not s.stream.finished]
+        logger.error(
+            "engine step failed (%s: %s); ending requests %s",
+            type(error).__name__,
+            error,
+            ", ".join(s.request_id or "?" for s in in_flight),
+            exc_info=error,
+        )
+        message = f"the engine failed while generating this reply ({type(error).__name__}); please retry"
+        for sequence in in_flight:
             self._finish(sequence, "error", error=message)
         self._prefilling.clear()
         self._between.clear()

@@ -17,8 +17,8 @@ from app.inference import (
     InferenceEngine,
     ModelLoadError,
 )
-from app.inference.engine import _fill_holes
 from app.inference.model_runner import ModelRunner
+from app.inference.scheduler import fill_holes as _fill_holes
 from tests.inference.conftest import EngineFactory
 from tests.inference.helpers import chat, reference_tokens, wait_for
 

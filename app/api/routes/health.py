@@ -21,7 +21,10 @@ async def health(state: StateDep) -> JSONResponse:
     except UNAVAILABLE_ERRORS as error:
         db = describe_db_error(error)
     stats = state.engine_stats()
-    if state.draining or (stats is not None and not stats.accepting and state.engine_started):
+    failure = getattr(state.engine, "failure", None)
+    if failure is not None:
+        status = "failed"
+    elif state.draining or (stats is not None and not stats.accepting and state.engine_started):
         status = "draining"
     elif not state.engine_started or stats is None:
         status = "starting"
@@ -43,8 +46,12 @@ async def health(state: StateDep) -> JSONResponse:
             max_queue=stats.max_queue if stats else state.settings.max_queue,
         ),
         in_flight=state.in_flight,
+        reason=failure,
     )
-    return JSONResponse(body.model_dump(), status_code=200 if status == "ok" else 503)
+    content = body.model_dump()
+    if failure is None:
+        del content["reason"]  # present only when the engine failed
+    return JSONResponse(content, status_code=200 if status == "ok" else 503)
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
