@@ -62,7 +62,8 @@ def test_system_shows_this_instance_and_refreshes(admin: BrowserSession, web_ser
     expect(row).to_have_count(1)
     expect(row.locator(".badge")).to_have_text("up")
     cells = row.locator("td")
-    expect(cells.nth(2)).to_have_text("cpu")
+    # The device, then the engine under it (kind and dtype).
+    expect(cells.nth(2)).to_have_text(re.compile(r"^cpu\s*builtin · float32"))
     expect(cells.nth(3)).to_have_text(re.compile(r"^[\d.]+ %$"))
     expect(cells.nth(4)).to_have_text(re.compile(r"MiB|GiB"))
     expect(cells.nth(10)).to_have_text(re.compile(r"just now|\d+ s ago"))

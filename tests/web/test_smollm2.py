@@ -54,7 +54,7 @@ def test_smollm2_reply_renders_markdown_and_code(new_session, smollm2_server: Li
     expect(reply).to_have_attribute("data-status", "complete", timeout=180_000)
     code = reply.locator(".code-block code")
     expect(code.first).to_contain_text("def ")
-    assert reply.locator(".code-block .tok-keyword").count() >= 1, "the code block is not highlighted"
+    assert reply.locator(".code-block .hljs-keyword").count() >= 1, "the code block is not highlighted"
     expect(reply.get_by_role("button", name="Copy python code")).to_be_visible()
     save_screenshot(page, "chat-smollm2", docs_name="chat")
     chat.watch.assert_clean()
