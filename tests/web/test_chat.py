@@ -387,3 +387,42 @@ def test_chat_screenshot(chat: BrowserSession) -> None:
         wait_for_replies(page, asked)
     expect(page.locator(".message--assistant[data-status=complete]")).to_have_count(3)
     save_screenshot(page, "chat")
+
+
+def test_a_message_sent_while_the_list_loads_keeps_its_reply(new_session, web_server: LiveServer) -> None:
+    """The composer works before the conversation list arrives; the list arriving mid-reply must
+    neither open the draft nor re-render the conversation over the reply that is streaming (the
+    reply went blank on a loaded CI machine)."""
+    session = new_session()
+    page = session.page
+    held = []
+
+    def hold_the_list(route) -> None:
+        if route.request.method == "GET":
+            held.append(route)
+        else:
+            route.continue_()
+
+    page.route(re.compile(r"/api/conversations$"), hold_the_list)
+    set_generation_options(page, **LONG_REPLY_OPTIONS)
+    sign_in(page, web_server, web_server.analyst)
+    expect(page.locator("#chat-view")).to_be_visible()
+    assert held, "the page asked for its conversation list"
+
+    send(page, "Tell me about the list race.")
+    reply_body = last_reply(page).locator(".message__body")
+    expect(reply_body).not_to_have_text("", timeout=15_000)
+    last_reply(page).evaluate("element => { element.dataset.watched = 'yes'; }")
+
+    page.unroute(re.compile(r"/api/conversations$"))
+    for route in held:
+        route.continue_()
+    expect(page.get_by_role("list", name="Conversations")).to_contain_text("Tell me about the list race.")
+    expect(page.locator(".message--assistant")).to_have_count(1)
+    page.get_by_role("button", name="Stop").click()
+
+    watched = page.locator(".message--assistant[data-watched=yes]")
+    expect(watched).to_have_attribute("data-status", "stopped")
+    expect(page.locator(".welcome")).to_have_count(0)
+    assert page.locator(".message--user").count() == 1
+    session.watch.assert_clean()

@@ -176,7 +176,13 @@ function findConversation(id) {
 
 async function loadConversations() {
   try {
-    state.conversations = await api("GET", "/api/conversations");
+    const loaded = await api("GET", "/api/conversations");
+    // A conversation created while this list was on its way is not in it yet: keep it.
+    const current = state.stream ? findConversation(state.stream.conversationId) : null;
+    if (current && !loaded.some((conversation) => String(conversation.id) === String(current.id))) {
+      loaded.unshift(current);
+    }
+    state.conversations = loaded;
   } catch (error) {
     showRequestError(error, () => loadConversations());
   }
@@ -343,6 +349,8 @@ async function loadMessages(id) {
     return;
   }
   if (String(id) !== String(state.currentId)) return;
+  // The reply streaming into this view is newer than what the server had stored when asked.
+  if (state.stream && String(state.stream.conversationId) === String(id)) return;
   renderMessages(messages);
   drawMemoryMarker();
   // Another tab (or a reload mid-reply) may still be generating: follow it until it settles.
@@ -1013,6 +1021,12 @@ async function enterChat(user) {
   showView("chat");
   hideNotice();
   await Promise.all([loadConversations(), loadDefaults()]);
+  // The composer is usable at once: a message sent (or a conversation opened) while the list
+  // was loading owns the view now, and replacing it would detach the reply that is streaming.
+  if (state.currentId !== null || state.stream) {
+    renderConversationList();
+    return;
+  }
   const fromHash = conversationHashId();
   if (fromHash !== null && findConversation(fromHash)) {
     await openConversation(findConversation(fromHash).id, { pushHistory: false });
