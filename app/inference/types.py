@@ -130,6 +130,10 @@ class EngineStats:
     # engine has them (vLLM); None otherwise.
     kv_cache_usage: float | None = None
     prefix_cache_hit_rate: float | None = None
+    # The counters behind the hit rate (prompt tokens looked up / found), since start, for
+    # Prometheus rates over any window; None where the engine has no prefix cache.
+    prefix_cache_queries: int | None = None
+    prefix_cache_hits: int | None = None
 
 
 class EngineObserver:

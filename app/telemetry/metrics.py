@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from app.inference.types import EngineObserver, EngineStats, GenerationResult
@@ -95,7 +95,7 @@ class _EngineCollector(Collector):
         self._stats = stats
         self._in_flight = in_flight
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         stats = self._stats()
         if stats is not None:
             yield GaugeMetricFamily(
@@ -117,6 +117,19 @@ class _EngineCollector(Collector):
                     "zeus:prefix_cache_hit_rate",
                     "Prompt tokens served from the prefix cache / prompt tokens looked up, since start.",
                     value=stats.prefix_cache_hit_rate,
+                )
+            # vLLM's own counters (its names; the client library adds _total), so that dashboards
+            # and `python -m bench serve --metrics-urls` read Zeus as they read a bare vLLM server.
+            if stats.prefix_cache_queries is not None and stats.prefix_cache_hits is not None:
+                yield CounterMetricFamily(
+                    "vllm:prefix_cache_queries",
+                    "Prompt tokens looked up in the prefix cache, since start.",
+                    value=stats.prefix_cache_queries,
+                )
+                yield CounterMetricFamily(
+                    "vllm:prefix_cache_hits",
+                    "Prompt tokens found in the prefix cache, since start.",
+                    value=stats.prefix_cache_hits,
                 )
         yield GaugeMetricFamily(
             "zeus_http_requests_in_progress", "HTTP requests being answered.", value=self._in_flight()

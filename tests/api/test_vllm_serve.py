@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.inference.conftest import needs_vllm
 from tests.support.live_server import LiveServer, start_live_server
@@ -76,4 +77,14 @@ def test_health_and_metrics_show_the_vllm_engine(vllm_server: LiveServer) -> Non
     assert health["engine"]["tensor_parallel_size"] == 1
     metrics = httpx.get(f"{vllm_server.base_url}/metrics", timeout=10).text
     assert "zeus:kv_cache_usage_perc" in metrics and "zeus:prefix_cache_hit_rate" in metrics
+    # vLLM's counters under vLLM's names, as `bench serve --metrics-urls` reads them.
+    samples = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name.startswith("vllm:prefix_cache_")
+    }
+    assert set(samples) == {"vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total"}, samples
+    assert 0 <= samples["vllm:prefix_cache_hits_total"] <= samples["vllm:prefix_cache_queries_total"]
+    assert samples["vllm:prefix_cache_queries_total"] > 0
     assert "zeus:time_to_first_token_seconds_count" in metrics

@@ -129,6 +129,8 @@ async def test_a_repeated_prefix_is_served_from_the_prefix_cache(vllm_engine: An
     await asyncio.sleep(0.2)
     stats = vllm_engine.stats()
     assert stats.prefix_cache_hit_rate is not None and stats.prefix_cache_hit_rate > 0
+    assert 0 < stats.prefix_cache_hits < stats.prefix_cache_queries
+    assert stats.prefix_cache_hit_rate == stats.prefix_cache_hits / stats.prefix_cache_queries
     assert stats.kv_cache_usage is not None and 0 <= stats.kv_cache_usage <= 1
 
 
