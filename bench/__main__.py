@@ -1,5 +1,5 @@
-"""python -m bench {engine,serve,compare,fairness} ...: see bench/engine_bench.py, serve_bench.py,
-compare.py, fairness.py."""
+"""python -m bench {engine,serve,compare,affinity,fairness} ...: see bench/engine_bench.py,
+serve_bench.py, compare.py, affinity.py, fairness.py."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from bench import compare, engine_bench, fairness, serve_bench
+from bench import affinity, compare, engine_bench, fairness, serve_bench
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     compare.add_arguments(compare_parser)
     compare_parser.set_defaults(handler=compare.main)
+    affinity_parser = modes.add_parser(
+        "affinity", help="prefix-cache hit rate through nginx: affinity vs least_conn (engine vllm)"
+    )
+    affinity.add_arguments(affinity_parser)
+    affinity_parser.set_defaults(handler=affinity.main)
     arguments = parser.parse_args(argv)
     return arguments.handler(arguments)
 

