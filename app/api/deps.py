@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 from fastapi import Depends, HTTPException, Request, Response
 from sqlalchemy.orm import Session
 
+from app.api.schemas import UserOut
 from app.auth.accounts import user_for_api_key, user_for_session
 from app.auth.tokens import sign_session_token, unsign_session_cookie
 from app.config import Settings
@@ -68,6 +69,28 @@ def set_session_cookie(response: Response, request: Request, settings: Settings,
         secure=settings.cookie_secure or request_is_https(request),
         path="/",
     )
+
+
+@dataclass
+class LoginOutcome:
+    """What a sign-in attempt (password or LDAP) decided inside its transaction. `answer` turns it
+    into the reply after the transaction committed: a refusal must still keep the throttle's record
+    of the attempt, so it is raised only once the record is stored."""
+
+    status: int
+    message: str = ""
+    user: UserOut | None = None
+    token: str | None = None
+    retry_after_s: int | None = None
+
+    def answer(self, response: Response, request: Request, settings: Settings) -> UserOut:
+        """The signed-in user with the session cookie set; else HTTPException(status, message),
+        with Retry-After (seconds) when the attempt was throttled."""
+        if self.status != 200 or self.user is None or self.token is None:
+            headers = {"Retry-After": str(self.retry_after_s)} if self.retry_after_s else None
+            raise HTTPException(self.status, self.message, headers)
+        set_session_cookie(response, request, settings, self.token)
+        return self.user
 
 
 def check_origin(request: Request) -> None:

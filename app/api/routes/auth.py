@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from fastapi import APIRouter, HTTPException, Request, Response
 from sqlalchemy import delete, func
 
 from app.api.deps import (
     SESSION_COOKIE,
     CallerDep,
+    LoginOutcome,
     SessionDep,
     StateDep,
     check_origin,
     client_address,
-    set_session_cookie,
 )
 from app.api.errors import COMMON_RESPONSES, ErrorBody
 from app.api.routes.sso import refuse_password_login
@@ -26,15 +24,6 @@ from app.auth.tokens import sha256_hex, unsign_session_cookie
 from app.models import User, WebSession
 
 router = APIRouter(prefix="/api/auth", tags=["auth"], responses=COMMON_RESPONSES)
-
-
-@dataclass
-class _LoginOutcome:
-    status: int
-    message: str = ""
-    user: UserOut | None = None
-    token: str | None = None
-    retry_after_s: int | None = None
 
 
 @router.post(
@@ -54,9 +43,9 @@ def login(body: LoginBody, request: Request, response: Response, state: StateDep
         refuse_password_login(db, settings, email=email, address=address)
     with db.begin():
         throttle.lock_account(db, email)
-        outcome = _LoginOutcome(status=401, message="wrong email or password")
+        outcome = LoginOutcome(status=401, message="wrong email or password")
         if (wait := throttle.retry_after_s(db, email=email, address=address, settings=settings)) is not None:
-            outcome = _LoginOutcome(
+            outcome = LoginOutcome(
                 status=429, retry_after_s=wait, message=f"too many failed logins: try again in {wait} s"
             )
             audit(db, action="login.throttled", actor_email=email, address=address)
@@ -67,20 +56,16 @@ def login(body: LoginBody, request: Request, response: Response, state: StateDep
             if not valid or user is None:
                 audit(db, action="login.failed", actor_email=email, address=address)
             elif user.disabled:
-                outcome = _LoginOutcome(status=403, message="this account is disabled: ask an admin")
+                outcome = LoginOutcome(status=403, message="this account is disabled: ask an admin")
                 audit(db, action="login.refused_disabled", actor=user, address=address)
             else:
                 rehash_if_needed(user, body.password)
                 user.last_login_at = func.now()
                 token = start_session(db, user=user, ttl_s=settings.session_ttl_s, address=address)
                 audit(db, action="login", actor=user, address=address)
-                outcome = _LoginOutcome(status=200, user=UserOut.model_validate(user), token=token)
+                outcome = LoginOutcome(status=200, user=UserOut.model_validate(user), token=token)
         throttle.prune_attempts(db, settings=settings)
-    if outcome.status != 200 or outcome.user is None or outcome.token is None:
-        headers = {"Retry-After": str(outcome.retry_after_s)} if outcome.retry_after_s else None
-        raise HTTPException(outcome.status, outcome.message, headers)
-    set_session_cookie(response, request, settings, outcome.token)
-    return outcome.user
+    return outcome.answer(response, request, settings)
 
 
 @router.post("/logout", status_code=204, response_class=Response)

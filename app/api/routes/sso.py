@@ -6,7 +6,6 @@ login.ldap_error, login.ldap_throttled, login.password_off)."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from urllib.parse import quote
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
@@ -15,6 +14,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
 from app.api.deps import (
+    LoginOutcome,
     SessionDep,
     StateDep,
     check_origin,
@@ -227,15 +227,6 @@ def oidc_callback(
     return response
 
 
-@dataclass
-class _LdapOutcome:
-    status: int
-    message: str = ""
-    user: UserOut | None = None
-    token: str | None = None
-    retry_after_s: int | None = None
-
-
 @router.post(
     "/ldap/login",
     response_model=UserOut,
@@ -262,10 +253,10 @@ def ldap_login(
         # Held across the directory's answer, as the password login holds it across the hash check,
         # so that concurrent guesses on several instances cannot slip past the limit.
         throttle.lock_account(db, throttle_key)
-        outcome = _LdapOutcome(status=401, message="wrong username or password")
+        outcome = LoginOutcome(status=401, message="wrong username or password")
         wait = throttle.retry_after_s(db, email=throttle_key, address=address, settings=settings)
         if wait is not None:
-            outcome = _LdapOutcome(
+            outcome = LoginOutcome(
                 status=429, retry_after_s=wait, message=f"too many failed logins: try again in {wait} s"
             )
             audit(db, action="login.ldap_throttled", actor_email=username, address=address)
@@ -289,10 +280,10 @@ def ldap_login(
                         )
                     token = start_session(db, user=user, ttl_s=settings.session_ttl_s, address=address)
                     audit(db, action="login.ldap", actor=user, address=address, detail=f"dn={found.dn}")
-                    outcome = _LdapOutcome(status=200, user=UserOut.model_validate(user), token=token)
+                    outcome = LoginOutcome(status=200, user=UserOut.model_validate(user), token=token)
             except ldap.LdapUnavailable as unavailable:
                 log.warning("LDAP login of %s: %s", username, unavailable)
-                outcome = _LdapOutcome(
+                outcome = LoginOutcome(
                     status=503, message="the directory server cannot be reached: try again later"
                 )
                 audit(
@@ -303,7 +294,7 @@ def ldap_login(
                     detail=str(unavailable),
                 )
             except (ldap.LdapRefused, oidc.SsoRefused) as refused:
-                outcome = _LdapOutcome(status=403, message=str(refused))
+                outcome = LoginOutcome(status=403, message=str(refused))
                 audit(
                     db,
                     action="login.ldap_refused",
@@ -312,8 +303,4 @@ def ldap_login(
                     detail=str(refused),
                 )
         throttle.prune_attempts(db, settings=settings)
-    if outcome.status != 200 or outcome.user is None or outcome.token is None:
-        headers = {"Retry-After": str(outcome.retry_after_s)} if outcome.retry_after_s else None
-        raise HTTPException(outcome.status, outcome.message, headers)
-    set_session_cookie(response, request, settings, outcome.token)
-    return outcome.user
+    return outcome.answer(response, request, settings)
