@@ -130,6 +130,11 @@ class EngineStats:
     # engine has them (vLLM); None otherwise.
     kv_cache_usage: float | None = None
     prefix_cache_hit_rate: float | None = None
+    # The prefix cache's counters since start, in prompt tokens (vLLM's vllm:prefix_cache_queries
+    # and vllm:prefix_cache_hits): looked up, and found cached. None where there is no prefix
+    # cache (the built-in engine).
+    prefix_cache_queries: int | None = None
+    prefix_cache_hits: int | None = None
 
 
 class EngineObserver:

@@ -305,6 +305,8 @@ class VLLMEngine:
             decode_steps_total=self._steps_total,
             kv_cache_usage=self._kv_cache_usage,
             prefix_cache_hit_rate=hit_rate,
+            prefix_cache_queries=self._prefix_queries,
+            prefix_cache_hits=self._prefix_hits,
         )
 
     # ----- prompts -------------------------------------------------------------------------

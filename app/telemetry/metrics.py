@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from app.inference.types import EngineObserver, EngineStats, GenerationResult
@@ -95,7 +95,7 @@ class _EngineCollector(Collector):
         self._stats = stats
         self._in_flight = in_flight
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         stats = self._stats()
         if stats is not None:
             yield GaugeMetricFamily(
@@ -117,6 +117,20 @@ class _EngineCollector(Collector):
                     "zeus:prefix_cache_hit_rate",
                     "Prompt tokens served from the prefix cache / prompt tokens looked up, since start.",
                     value=stats.prefix_cache_hit_rate,
+                )
+            # vLLM's own counters under vLLM's own names (exposed as *_total), so that whatever reads
+            # a bare vLLM server's hit rate (bench serve --workload chat, dashboards) reads Zeus's.
+            # Absent where the engine has no prefix cache (the built-in engine).
+            if stats.prefix_cache_queries is not None and stats.prefix_cache_hits is not None:
+                yield CounterMetricFamily(
+                    "vllm:prefix_cache_queries",
+                    "Prefix cache queries, in terms of number of queried tokens.",
+                    value=stats.prefix_cache_queries,
+                )
+                yield CounterMetricFamily(
+                    "vllm:prefix_cache_hits",
+                    "Prefix cache hits, in terms of number of cached tokens.",
+                    value=stats.prefix_cache_hits,
                 )
         yield GaugeMetricFamily(
             "zeus_http_requests_in_progress", "HTTP requests being answered.", value=self._in_flight()

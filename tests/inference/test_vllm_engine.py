@@ -130,6 +130,10 @@ async def test_a_repeated_prefix_is_served_from_the_prefix_cache(vllm_engine: An
     stats = vllm_engine.stats()
     assert stats.prefix_cache_hit_rate is not None and stats.prefix_cache_hit_rate > 0
     assert stats.kv_cache_usage is not None and 0 <= stats.kv_cache_usage <= 1
+    # vLLM's counters (prompt tokens), which /metrics exports under vLLM's names.
+    assert stats.prefix_cache_queries is not None and stats.prefix_cache_hits is not None
+    assert 0 < stats.prefix_cache_hits <= stats.prefix_cache_queries
+    assert stats.prefix_cache_hit_rate == stats.prefix_cache_hits / stats.prefix_cache_queries
 
 
 def test_tool_calls_are_parsed_with_the_parser_for_the_model_family(vllm_engine: Any) -> None:
