@@ -92,6 +92,9 @@ class TextDelta:
     token_count: int
     # One entry per token of this delta when the request asked for logprobs.
     logprobs: tuple[TokenLogprob, ...] = ()
+    # The ids of this delta's tokens, where the engine reports them (vLLM: its tool-call parsers
+    # look for marker tokens); empty otherwise.
+    token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
