@@ -543,14 +543,9 @@ class VLLMEngine:
         """
         if not request.tools:
             return ToolCallExtraction(content=text, tool_calls=())
-        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
         parser = self._tool_parser()(self._tokenizer)
-        chat_request = ChatCompletionRequest(
-            model=self.model_name,
-            messages=[dict(message) for message in request.messages or ()],
-            tools=[dict(tool) for tool in request.tools],
-        )
+        chat_request = self._parser_request(request)
         extracted = parser.extract_tool_calls(text, chat_request)
         if not extracted.tools_called:
             return ToolCallExtraction(content=text, tool_calls=())
@@ -568,15 +563,24 @@ class VLLMEngine:
         """A streaming tool-call parser for one choice of this request (see _ToolCallStream).
 
         Raises InvalidRequestError(param="tools") as extract_tool_calls does."""
-        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
-        chat_request = ChatCompletionRequest(
-            model=self.model_name,
-            messages=[dict(message) for message in request.messages or ()],
-            tools=[dict(tool) for tool in request.tools or ()],
-        )
+        chat_request = self._parser_request(request)
         parser = self._tool_parser()(self._tokenizer, chat_request.tools) if tool_choice == "auto" else None
         return _ToolCallStream(chat_request, tool_choice, parser, self._tokenizer)
+
+    def _parser_request(self, request: GenerationRequest) -> Any:
+        """vLLM's ChatCompletionRequest as its tool parsers read it: the tools (and the model).
+
+        The conversation stays out: the parsers never read it, and the messages Zeus renders hold
+        earlier calls' arguments as objects (what chat templates want), where vLLM's request model
+        wants OpenAI's JSON strings."""
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+        return ChatCompletionRequest(
+            model=self.model_name,
+            messages=[{"role": "user", "content": ""}],
+            tools=[dict(tool) for tool in request.tools or ()],
+        )
 
     def _tool_parser(self) -> Any:
         """vLLM's parser class (cached), checked once against this model's tokenizer.

@@ -246,3 +246,31 @@ def test_forced_tool_calls_stream_their_arguments(loaded_vllm_engine: Any) -> No
     assert_streamed_as_openai(
         stream_tool_calls(loaded_vllm_engine, named, "function:get_weather"), "get_weather", {"city": "Paris"}
     )
+
+
+def test_a_conversation_with_earlier_tool_calls_is_parsed_too(loaded_vllm_engine: Any) -> None:
+    # The follow-up turn: the history holds the call (arguments as an object, as chat templates
+    # read them) and the tool's result; the parsers still split the new reply.
+    history = (
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": "",  # as the API renders a null content
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "sunny"}'},
+    )
+    request = GenerationRequest(messages=history, tools=WEATHER_TOOLS)
+    assert loaded_vllm_engine.count_prompt_tokens(request) > 0
+    assert loaded_vllm_engine.extract_tool_calls("It is sunny.", request).content == "It is sunny."
+    stream = loaded_vllm_engine.tool_call_stream(request, "auto")
+    from app.inference.types import TextDelta
+
+    parsed = stream.feed(TextDelta(text="It is sunny.", token_count=4))
+    assert parsed is not None and parsed.content == "It is sunny." and not parsed.tool_calls
