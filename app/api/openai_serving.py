@@ -37,7 +37,7 @@ from app.api.openai_protocol import (
     seed_for_choice,
 )
 from app.api.serving import ChoiceState, Generation, UsageOwner, sse, stream_response
-from app.inference.contract import EngineInfo, ToolCall
+from app.inference.contract import EngineInfo, ToolCall, ToolStreamDelta
 from app.inference.types import EngineError, GenerationRequest, SamplingParams, StructuredOutput
 from app.state import ZeusState
 
@@ -183,6 +183,13 @@ class ToolMode:
             return StructuredOutput(json_schema=json.dumps(schema))
         return None
 
+    @property
+    def stream_choice(self) -> str:
+        """The engine's name for this mode's streaming parser (Engine.tool_call_stream)."""
+        if isinstance(self.choice, NamedToolChoice):
+            return f"function:{self.choice.function.name}"
+        return "required" if self.choice == "required" else "auto"
+
     def calls(
         self, state: ZeusState, text: str, request: GenerationRequest
     ) -> tuple[str | None, list[ToolCall]]:
@@ -218,6 +225,34 @@ def _tool_calls_json(calls: list[ToolCall]) -> list[dict[str, Any]]:
         {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
         for call in calls
     ]
+
+
+def _tool_stream_delta(parsed: ToolStreamDelta | None, tools: ToolMode) -> dict[str, Any]:
+    """A parser's delta as an OpenAI chunk's delta ({} when it carries nothing to send)."""
+    if parsed is None:
+        return {}
+    out: dict[str, Any] = {}
+    if parsed.content:
+        out["content"] = parsed.content
+    calls = []
+    for call in parsed.tool_calls:
+        if tools.body.parallel_tool_calls is False and call.index > 0:
+            continue  # as the non-streamed reply: one call only
+        item: dict[str, Any] = {"index": call.index}
+        if call.id is not None:
+            item["id"] = call.id
+            item["type"] = "function"
+        function = {}
+        if call.name is not None:
+            function["name"] = call.name
+        if call.arguments is not None:
+            function["arguments"] = call.arguments
+        if function:
+            item["function"] = function
+        calls.append(item)
+    if calls:
+        out["tool_calls"] = calls
+    return out
 
 
 def _response_format(body: ChatCompletionRequest, info: EngineInfo) -> StructuredOutput | None:
@@ -355,31 +390,49 @@ async def _chat_chunks(
             payload["usage"] = None
         return sse(None, payload)
 
+    def entries(items: list[Any]) -> dict[str, Any] | None:
+        return {"content": chat_logprobs(tuple(items), logprobs)} if logprobs is not None else None
+
+    # With tools, each choice's text goes through the engine's streaming tool-call parser (vLLM's):
+    # content passes on, a tool call goes out as OpenAI streams one (its index, id, type and name
+    # first, then its arguments in fragments). Logprobs of text the parser holds back travel
+    # with the next chunk that is sent.
+    parsers = (
+        [state.engine.tool_call_stream(engine_request, tools.stream_choice) for engine_request in requests]
+        if tools.active
+        else []
+    )
+    held: list[list[Any]] = [[] for _ in requests]
+    called = [False] * len(requests)
     for choice in generation.choices:
         yield chunk(choice.index, {"role": "assistant", "content": ""}, logprobs=None)
     async for index, delta in generation.deltas():
-        # With tools, a reply may turn out to be a tool call: it is sent whole at the end.
-        if tools.active or not (delta.text or delta.logprobs):
+        if not tools.active:
+            if delta.text or delta.logprobs:
+                yield chunk(index, {"content": delta.text}, logprobs=entries(list(delta.logprobs)))
             continue
-        entries = {"content": chat_logprobs(delta.logprobs, logprobs)} if logprobs is not None else None
-        yield chunk(index, {"content": delta.text}, logprobs=entries)
+        held[index].extend(delta.logprobs)
+        parsed = parsers[index].feed(delta)
+        out = _tool_stream_delta(parsed, tools)
+        if out:
+            called[index] = called[index] or "tool_calls" in out
+            yield chunk(index, out, logprobs=entries(held[index]))
+            held[index] = []
     if _failed(generation):
         yield sse(None, openai_error(500, generation.error_message))
         yield sse(None, "[DONE]")
         return
-    for choice, engine_request in zip(generation.choices, requests, strict=True):
+    for choice in generation.choices:
         finish_reason = _finish_reason(choice)
         if tools.active:
-            content, calls = tools.calls(state, choice.text, engine_request)
-            if calls:
-                delta: dict[str, Any] = {
-                    "tool_calls": [{"index": i, **call} for i, call in enumerate(_tool_calls_json(calls))]
-                }
+            out = _tool_stream_delta(parsers[choice.index].finish(), tools)
+            if out or held[choice.index]:
+                called[choice.index] = called[choice.index] or "tool_calls" in out
+                yield chunk(choice.index, out, logprobs=entries(held[choice.index]))
+            # As vLLM: a reply that streamed a tool call and ended by itself ends with
+            # "tool_calls" (one cut by max_tokens keeps "length").
+            if called[choice.index] and finish_reason == "stop":
                 finish_reason = "tool_calls"
-            else:
-                delta = {"content": content}
-            entries = {"content": chat_logprobs(choice.logprobs, logprobs)} if logprobs is not None else None
-            yield chunk(choice.index, delta, logprobs=entries)
         yield chunk(choice.index, {}, finish_reason, logprobs=None)
     if include_usage:
         payload = {

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from app.inference.stream import RequestStream
-from app.inference.types import EngineObserver, EngineStats, GenerationRequest
+from app.inference.types import EngineObserver, EngineStats, GenerationRequest, TextDelta
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,37 @@ class ToolCallExtraction:
     tool_calls: tuple[ToolCall, ...]
 
 
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """One fragment of a streamed tool call (OpenAI's `delta.tool_calls[i]`): a call's first
+    fragment carries its id and function name, later ones only more of its arguments' JSON text."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+
+
+@dataclass(frozen=True)
+class ToolStreamDelta:
+    """What a streamed reply's delta adds: plain content, tool-call fragments, or both."""
+
+    content: str | None = None
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+
+
+class ToolCallStream(Protocol):
+    """Turns one choice's text deltas into content and tool-call fragments as they arrive."""
+
+    def feed(self, delta: TextDelta) -> ToolStreamDelta | None:
+        """What this delta adds (None: nothing to send yet, e.g. a tool call's opening tag)."""
+        ...
+
+    def finish(self) -> ToolStreamDelta | None:
+        """What the parser still holds once the reply has ended (argument text not yet sent)."""
+        ...
+
+
 @runtime_checkable
 class Engine(Protocol):
     """The surface every engine implements (see the module docstring for the errors)."""
@@ -102,4 +133,11 @@ class Engine(Protocol):
     def extract_tool_calls(self, text: str, request: GenerationRequest) -> ToolCallExtraction:
         """Parse a finished reply's tool calls with the parser for the model's family. Only called
         when `info().capabilities.tools`; other engines raise InvalidRequestError(param="tools")."""
+        ...
+
+    def tool_call_stream(self, request: GenerationRequest, tool_choice: str) -> ToolCallStream:
+        """A streaming parser of this request's reply: tool_choice "auto" (the model's family's
+        parser), "required" (a JSON array of {name, parameters}, as forced by structured output), or
+        "function:NAME" (the arguments of NAME, forced likewise). Only called when
+        `info().capabilities.tools`; other engines raise InvalidRequestError(param="tools")."""
         ...

@@ -40,7 +40,6 @@ import asyncio
 import copy
 import dataclasses
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -50,7 +49,8 @@ from typing import Any
 
 import torch
 
-from app.inference.contract import EngineCapabilities, EngineInfo, ToolCallExtraction
+from app.inference import admission
+from app.inference.contract import EngineCapabilities, EngineInfo, ToolCallExtraction, ToolCallStream
 from app.inference.loading import LoadedModel, load_model
 from app.inference.model_runner import ModelRunner, StagedKV, check_supported, to_device
 from app.inference.outputs import RequestOutput, TokenTexts
@@ -66,7 +66,6 @@ from app.inference.scheduler import Scheduler
 from app.inference.stream import RequestStream
 from app.inference.types import (
     EngineClosedError,
-    EngineFullError,
     EngineObserver,
     EngineStats,
     FinishReason,
@@ -74,7 +73,6 @@ from app.inference.types import (
     GenerationResult,
     InvalidRequestError,
     ModelLoadError,
-    PromptTooLongError,
     SamplingParams,
     TextDelta,
     TokenLogprob,
@@ -82,12 +80,6 @@ from app.inference.types import (
 
 logger = logging.getLogger(__name__)
 
-_MAX_STOP_STRINGS = 16
-# OpenAI's ranges (vLLM accepts the same).
-_MAX_TOP_LOGPROBS = 20
-_PENALTY_RANGE = (-2.0, 2.0)
-_LOGIT_BIAS_RANGE = (-100.0, 100.0)
-_SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
 # Scheduler iterations failing one after another before the engine declares itself broken.
 _MAX_FAILED_ITERATIONS = 3
 
@@ -254,7 +246,7 @@ class InferenceEngine:
         self._requests_total = 0
         self._tokens_total = 0
         self._steps_total = 0
-        self._recent_request_seconds = 10.0
+        self._retry_after = admission.RetryAfter()
         self._failure: str | None = None
         self._failed_iterations = 0
 
@@ -328,6 +320,9 @@ class InferenceEngine:
             param="tools",
         )
 
+    def tool_call_stream(self, request: GenerationRequest, tool_choice: str) -> ToolCallStream:
+        return self.extract_tool_calls("", request)  # type: ignore[return-value]  # raises
+
     @property
     def failure(self) -> str | None:
         """Why the engine stopped working for good (its scheduler thread died), else None.
@@ -389,23 +384,11 @@ class InferenceEngine:
     # ----- submission (event loop thread) ---------------------------------------------------
 
     def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
-        """The token ids the model will see for this request (chat template applied)."""
-        if (request.messages is None) == (request.prompt is None):
-            raise InvalidRequestError("send either messages or a prompt, not both and not neither")
-        if request.prompt is not None:
-            return list(self._tokenizer(request.prompt)["input_ids"])
-        if not request.messages:
-            raise InvalidRequestError("messages must not be empty")
-        if not self._tokenizer.chat_template:
-            raise InvalidRequestError(f"model {self.model_name} has no chat template: send a raw prompt")
-        for message in request.messages:
-            if not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
-                raise InvalidRequestError("each message needs a string role and a string content")
-        text = self._tokenizer.apply_chat_template(
-            [dict(message) for message in request.messages], add_generation_prompt=True, tokenize=False
-        )
-        # The template already wrote the special tokens; the tokenizer must not add a second BOS.
-        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+        """The token ids the model will see for this request (chat template applied; admission.py)."""
+        if request.tools:
+            # The API refuses tools for this engine before; a direct caller learns why here.
+            self.extract_tool_calls("", request)
+        return admission.prompt_token_ids(self._tokenizer, request, self.model_name)
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
         return len(self.prompt_token_ids(request))
@@ -416,68 +399,9 @@ class InferenceEngine:
         As vLLM: a temperature below 0.01 (but above 0) is raised to 0.01 with a warning, since
         dividing logits by less overflows. Returns the parameters the engine will use.
         """
-
-        def finite_in(value: float, low: float, high: float) -> bool:
-            return isinstance(value, int | float) and math.isfinite(value) and low <= value <= high
-
-        if params.max_tokens < 1:
-            raise InvalidRequestError(
-                f"max_tokens must be at least 1, got {params.max_tokens}", param="max_tokens"
-            )
-        if params.max_tokens > self.config.max_new_tokens:
-            raise InvalidRequestError(
-                f"max_tokens {params.max_tokens} exceeds the limit of {self.config.max_new_tokens}",
-                param="max_tokens",
-            )
-        if not finite_in(params.temperature, 0.0, math.inf):
-            raise InvalidRequestError(
-                f"temperature must be a finite number, 0 (greedy) or more, got {params.temperature}",
-                param="temperature",
-            )
-        if not (finite_in(params.top_p, 0.0, 1.0) and params.top_p > 0):
-            raise InvalidRequestError(f"top_p must be in (0, 1], got {params.top_p}", param="top_p")
-        if not isinstance(params.top_k, int) or params.top_k < -1:
-            raise InvalidRequestError(
-                f"top_k must be 0 or -1 (off) or a positive integer, got {params.top_k}", param="top_k"
-            )
-        if not finite_in(params.min_p, 0.0, 1.0):
-            raise InvalidRequestError(f"min_p must be in [0, 1], got {params.min_p}", param="min_p")
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(params, name)
-            if not finite_in(value, *_PENALTY_RANGE):
-                raise InvalidRequestError(f"{name} must be in [-2, 2], got {value}", param=name)
-        if not (finite_in(params.repetition_penalty, 0.0, math.inf) and params.repetition_penalty > 0):
-            raise InvalidRequestError(
-                "repetition_penalty must be a finite number above 0 (1 is off), "
-                f"got {params.repetition_penalty}",
-                param="repetition_penalty",
-            )
-        for token_id, bias in params.logit_bias:
-            if not isinstance(token_id, int) or not 0 <= token_id < self.vocab_size:
-                raise InvalidRequestError(
-                    f"logit_bias token ids must be in [0, {self.vocab_size - 1}], got {token_id}",
-                    param="logit_bias",
-                )
-            if not finite_in(bias, *_LOGIT_BIAS_RANGE):
-                raise InvalidRequestError(
-                    f"logit_bias values must be in [-100, 100], got {bias} for token {token_id}",
-                    param="logit_bias",
-                )
-        if params.seed is not None and not (
-            isinstance(params.seed, int) and _SEED_RANGE[0] <= params.seed <= _SEED_RANGE[1]
-        ):
-            raise InvalidRequestError(
-                f"seed must be an integer in [-2^63, 2^64 - 1], got {params.seed}", param="seed"
-            )
-        if params.logprobs is not None and not 0 <= params.logprobs <= _MAX_TOP_LOGPROBS:
-            raise InvalidRequestError(
-                f"top_logprobs must be in [0, {_MAX_TOP_LOGPROBS}], got {params.logprobs}",
-                param="top_logprobs",
-            )
-        if len(params.stop) > _MAX_STOP_STRINGS:
-            raise InvalidRequestError(
-                f"at most {_MAX_STOP_STRINGS} stop strings, got {len(params.stop)}", param="stop"
-            )
+        admission.check_sampling(
+            params, max_new_tokens=self.config.max_new_tokens, vocab_size=self.vocab_size
+        )
         if params.structured is not None:
             raise InvalidRequestError(
                 "structured output is not supported by the built-in engine: "
@@ -499,25 +423,6 @@ class InferenceEngine:
             changes["top_k"] = 0
         return dataclasses.replace(params, **changes) if changes else params
 
-    def _check_prompt(self, params: SamplingParams, prompt_length: int) -> None:
-        if prompt_length == 0:
-            raise InvalidRequestError("the prompt is empty", param="messages")
-        if prompt_length > self.config.max_input_tokens:
-            raise PromptTooLongError(
-                f"the prompt has {prompt_length} tokens; the limit is {self.config.max_input_tokens}",
-                limit=self.config.max_input_tokens,
-                actual=prompt_length,
-            )
-        context = self._loaded.context_length
-        if prompt_length + params.max_tokens > context:
-            raise PromptTooLongError(
-                f"the prompt has {prompt_length} tokens and max_tokens is {params.max_tokens}; together "
-                f"they exceed the model's context of {context} tokens "
-                f"(at most {max(context - params.max_tokens, 0)} prompt tokens with this max_tokens)",
-                limit=max(context - params.max_tokens, 0),
-                actual=prompt_length,
-            )
-
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Queue a request; raises at once when it cannot be served (see types.py for the errors)."""
         if self._failure is not None:
@@ -526,7 +431,13 @@ class InferenceEngine:
             raise EngineClosedError("the engine is not accepting requests (not started or shutting down)")
         params = self._checked_params(request.params, request.request_id)
         prompt_ids = self.prompt_token_ids(request)
-        self._check_prompt(params, len(prompt_ids))
+        admission.check_prompt(
+            request,
+            params,
+            len(prompt_ids),
+            max_input_tokens=self.config.max_input_tokens,
+            context_length=self._loaded.context_length,
+        )
         stream = RequestStream(request.request_id, len(prompt_ids), self._wake)
         sequence = _Sequence(
             stream=stream,
@@ -541,10 +452,8 @@ class InferenceEngine:
                 raise EngineClosedError("the engine is shutting down")
             capacity = self.config.max_batch_size + self.config.max_queue
             if self._in_system >= capacity:
-                raise EngineFullError(
-                    f"the engine is full: {self.config.max_batch_size} running and "
-                    f"{self.config.max_queue} queued requests",
-                    retry_after_s=self._retry_after_s(),
+                raise admission.engine_full(
+                    self.config.max_batch_size, self.config.max_queue, self._retry_after_s()
                 )
             self._in_system += 1
             self._requests_total += 1
@@ -555,9 +464,7 @@ class InferenceEngine:
         return stream
 
     def _retry_after_s(self) -> int:
-        # Time for the queue ahead to drain through the batch, from recent request durations.
-        waves = 1 + (len(self._waiting) + len(self._incoming)) / self.config.max_batch_size
-        return max(1, math.ceil(self._recent_request_seconds * waves))
+        return self._retry_after.seconds(len(self._waiting) + len(self._incoming), self.config.max_batch_size)
 
     def _wake(self) -> None:
         with self._lock:
@@ -936,7 +843,7 @@ class InferenceEngine:
         with self._lock:
             self._in_system -= 1
         # A smoothed request duration feeds Retry-After estimates.
-        self._recent_request_seconds = 0.8 * self._recent_request_seconds + 0.2 * result.e2e_s
+        self._retry_after.observe(result.e2e_s)
         self._notify("on_request_finished", result)
 
     def _cancel_everything(self) -> None:

@@ -92,6 +92,9 @@ class TextDelta:
     token_count: int
     # One entry per token of this delta when the request asked for logprobs.
     logprobs: tuple[TokenLogprob, ...] = ()
+    # The ids of this delta's tokens, where the engine reports them (vLLM: its tool-call parsers
+    # look for marker tokens); empty otherwise.
+    token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -130,8 +133,9 @@ class EngineStats:
     # engine has them (vLLM); None otherwise.
     kv_cache_usage: float | None = None
     prefix_cache_hit_rate: float | None = None
-    # The counters behind the hit rate (prompt tokens looked up / found), since start, for
-    # Prometheus rates over any window; None where the engine has no prefix cache.
+    # The prefix cache's counters since start, in prompt tokens (vLLM's vllm:prefix_cache_queries
+    # and vllm:prefix_cache_hits): looked up, and found cached. None where there is no prefix
+    # cache (the built-in engine).
     prefix_cache_queries: int | None = None
     prefix_cache_hits: int | None = None
 

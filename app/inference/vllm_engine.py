@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import os
 import time
 import uuid
@@ -33,11 +32,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.inference.contract import EngineCapabilities, EngineInfo, ToolCall, ToolCallExtraction
+from app.inference import admission
+from app.inference.admission import one_line
+from app.inference.contract import (
+    EngineCapabilities,
+    EngineInfo,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallExtraction,
+    ToolCallStream,
+    ToolStreamDelta,
+)
 from app.inference.stream import RequestStream
 from app.inference.types import (
     EngineClosedError,
-    EngineFullError,
     EngineObserver,
     EngineStats,
     FinishReason,
@@ -45,7 +53,6 @@ from app.inference.types import (
     GenerationResult,
     InvalidRequestError,
     ModelLoadError,
-    PromptTooLongError,
     SamplingParams,
     TextDelta,
     TokenLogprob,
@@ -56,8 +63,6 @@ logger = logging.getLogger(__name__)
 # Never reach for a model hub: a missing file must fail at start, not trigger a download.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-_MAX_STOP_STRINGS = 16
 
 # vLLM's tool-call parser for each model family (config.json's model_type), after the families'
 # own chat templates: Llama 3.x writes a bare JSON object, Qwen and Hermes-style fine-tunes wrap
@@ -152,7 +157,7 @@ class VLLMEngine:
         self._requests_total = 0
         self._tokens_total = 0
         self._steps_total = 0
-        self._recent_request_seconds = 10.0
+        self._retry_after = admission.RetryAfter()
         # From the engine core's latest stats (vLLM's stat logger): None until the first step.
         self._kv_cache_usage: float | None = None
         self._prefix_queries = 0
@@ -208,7 +213,7 @@ class VLLMEngine:
         try:
             vllm_config = engine_args.create_engine_config()
         except Exception as error:  # vLLM raises ValueError, TypeError, pydantic errors, ...
-            raise ModelLoadError(f"vLLM refused the model or a setting: {_one_line(error)}") from None
+            raise ModelLoadError(f"vLLM refused the model or a setting: {one_line(error)}") from None
         from transformers import AutoTokenizer
 
         # The same tokenizer (and so the same chat-template rendering) as the built-in engine.
@@ -268,7 +273,7 @@ class VLLMEngine:
                 disable_log_stats=False,
             )
         except Exception as error:
-            message = f"vLLM did not start the model {self.model_name}: {_one_line(error)}"
+            message = f"vLLM did not start the model {self.model_name}: {one_line(error)}"
             # The server's lifespan prints a traceback; this line says what went wrong.
             logger.error("zeus: %s", message)
             raise ModelLoadError(message) from None
@@ -312,80 +317,27 @@ class VLLMEngine:
     # ----- prompts -------------------------------------------------------------------------
 
     def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
-        """The token ids the model will see (chat template applied, with the tools when given)."""
-        if (request.messages is None) == (request.prompt is None):
-            raise InvalidRequestError("send either messages or a prompt, not both and not neither")
-        if request.prompt is not None:
-            if request.tools:
-                raise InvalidRequestError("tools need chat messages, not a raw prompt", param="tools")
-            return list(self._tokenizer(request.prompt)["input_ids"])
-        if not request.messages:
-            raise InvalidRequestError("messages must not be empty", param="messages")
-        if not self._tokenizer.chat_template:
-            raise InvalidRequestError(f"model {self.model_name} has no chat template: send a raw prompt")
-        for message in request.messages:
-            if not isinstance(message.get("role"), str):
-                raise InvalidRequestError("each message needs a string role", param="messages")
-            content = message.get("content")
-            if not isinstance(content, str) and not (content is None and message.get("tool_calls")):
-                raise InvalidRequestError("each message needs a string content", param="messages")
-        try:
-            text = self._tokenizer.apply_chat_template(
-                [dict(message) for message in request.messages],
-                tools=[dict(tool) for tool in request.tools] if request.tools else None,
-                add_generation_prompt=True,
-                tokenize=False,
-            )
-        except Exception as error:  # jinja2 errors raised by the template itself (raise_exception)
-            raise InvalidRequestError(
-                f"the model's chat template cannot render these messages: {_one_line(error)}",
-                param="tools" if request.tools else "messages",
-            ) from None
-        # The template already wrote the special tokens; the tokenizer must not add a second BOS.
-        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+        """The token ids the model will see (chat template applied, with the tools when given;
+        rendered as the built-in engine renders them: admission.py)."""
+        return admission.prompt_token_ids(self._tokenizer, request, self.model_name)
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
         return len(self.prompt_token_ids(request))
 
-    def _validate(self, params: SamplingParams, prompt_length: int) -> None:
-        if params.max_tokens < 1:
-            raise InvalidRequestError(
-                f"max_tokens must be at least 1, got {params.max_tokens}", param="max_tokens"
-            )
-        if params.max_tokens > self.config.max_new_tokens:
-            raise InvalidRequestError(
-                f"max_tokens {params.max_tokens} exceeds the limit of {self.config.max_new_tokens}",
-                param="max_tokens",
-            )
-        if not (math.isfinite(params.temperature) and params.temperature >= 0):
-            raise InvalidRequestError(
-                f"temperature must be 0 or more, got {params.temperature}", param="temperature"
-            )
-        if not 0 < params.top_p <= 1:
-            raise InvalidRequestError(f"top_p must be in (0, 1], got {params.top_p}", param="top_p")
-        if params.top_k < 0:
-            raise InvalidRequestError(f"top_k must be 0 (off) or more, got {params.top_k}", param="top_k")
-        if len(params.stop) > _MAX_STOP_STRINGS:
-            raise InvalidRequestError(
-                f"at most {_MAX_STOP_STRINGS} stop strings, got {len(params.stop)}", param="stop"
-            )
-        if prompt_length == 0:
-            raise InvalidRequestError("the prompt is empty")
-        if prompt_length > self.config.max_input_tokens:
-            raise PromptTooLongError(
-                f"the prompt has {prompt_length} tokens; the limit is {self.config.max_input_tokens}",
-                limit=self.config.max_input_tokens,
-                actual=prompt_length,
-            )
-        context = self._context_length
-        if prompt_length + params.max_tokens > context:
-            raise PromptTooLongError(
-                f"the prompt has {prompt_length} tokens and max_tokens is {params.max_tokens}; together "
-                f"they exceed the model's context of {context} tokens "
-                f"(at most {max(context - params.max_tokens, 0)} prompt tokens with this max_tokens)",
-                limit=max(context - params.max_tokens, 0),
-                actual=prompt_length,
-            )
+    def _validate(self, request: GenerationRequest, prompt_length: int) -> None:
+        """The built-in engine's refusals, with the same errors and sizes (admission.py)."""
+        admission.check_sampling(
+            request.params,
+            max_new_tokens=self.config.max_new_tokens,
+            vocab_size=self._vllm_config.model_config.get_vocab_size(),
+        )
+        admission.check_prompt(
+            request,
+            request.params,
+            prompt_length,
+            max_input_tokens=self.config.max_input_tokens,
+            context_length=self._context_length,
+        )
 
     def _sampling_params(self, params: SamplingParams) -> Any:
         """Zeus's SamplingParams as vLLM's (same names and meanings; see types.py)."""
@@ -404,13 +356,6 @@ class VLLMEngine:
                 structured = StructuredOutputsParams(json=schema)
             elif params.structured.json_object:
                 structured = StructuredOutputsParams(json_object=True)
-        vocab_size = self._vllm_config.model_config.get_vocab_size()
-        for token_id, _ in params.logit_bias:
-            if not 0 <= token_id < vocab_size:
-                raise InvalidRequestError(
-                    f"logit_bias token id {token_id} is outside the vocabulary (0..{vocab_size - 1})",
-                    param="logit_bias",
-                )
         try:
             return VllmSamplingParams(
                 n=1,
@@ -432,7 +377,7 @@ class VLLMEngine:
                 output_kind=RequestOutputKind.DELTA,
             )
         except (ValueError, TypeError) as error:
-            raise InvalidRequestError(f"sampling parameters refused: {_one_line(error)}") from None
+            raise InvalidRequestError(f"sampling parameters refused: {one_line(error)}") from None
 
     # ----- submission (event loop) ---------------------------------------------------------
 
@@ -441,14 +386,12 @@ class VLLMEngine:
         if not self._accepting or self._llm is None:
             raise EngineClosedError("the engine is not accepting requests (not started or shutting down)")
         prompt_ids = self.prompt_token_ids(request)
-        self._validate(request.params, len(prompt_ids))
+        self._validate(request, len(prompt_ids))
         sampling_params = self._sampling_params(request.params)
         capacity = self.config.max_batch_size + self.config.max_queue
         if len(self._requests) >= capacity:
-            raise EngineFullError(
-                f"the engine is full: {self.config.max_batch_size} running and "
-                f"{self.config.max_queue} queued requests",
-                retry_after_s=self._retry_after_s(),
+            raise admission.engine_full(
+                self.config.max_batch_size, self.config.max_queue, self._retry_after_s()
             )
         entry: _Request
         stream = RequestStream(request.request_id, len(prompt_ids), lambda: self._cancel(entry))
@@ -463,9 +406,8 @@ class VLLMEngine:
         return stream
 
     def _retry_after_s(self) -> int:
-        # Time for the queue ahead to drain through the batch, from recent request durations.
-        waves = 1 + max(0, len(self._requests) - self.config.max_batch_size) / self.config.max_batch_size
-        return max(1, math.ceil(self._recent_request_seconds * waves))
+        queued = len(self._requests) - self.config.max_batch_size
+        return self._retry_after.seconds(queued, self.config.max_batch_size)
 
     def _cancel(self, entry: _Request) -> None:
         # Cancelling the task makes AsyncLLM.generate abort the request in the engine core, which
@@ -479,7 +421,7 @@ class VLLMEngine:
         pieces: list[str] = []
         token_ids: list[int] = []
         logprobs: list[TokenLogprob] = []
-        pending_tokens = 0
+        pending_ids: list[int] = []
         reason: FinishReason = "error"
         error: str | None = None
         try:
@@ -499,13 +441,18 @@ class VLLMEngine:
                 logprobs.extend(delta_logprobs)
                 # Tokens that add no text yet (half a character, a held-back stop-string prefix, a
                 # special token) are counted with the next delta, as the built-in engine does.
-                pending_tokens += len(new_ids)
+                pending_ids.extend(new_ids)
                 if completion.text or delta_logprobs:
                     pieces.append(completion.text)
                     entry.stream._deliver(
-                        TextDelta(text=completion.text, token_count=pending_tokens, logprobs=delta_logprobs)
+                        TextDelta(
+                            text=completion.text,
+                            token_count=len(pending_ids),
+                            logprobs=delta_logprobs,
+                            token_ids=tuple(pending_ids),
+                        )
                     )
-                    pending_tokens = 0
+                    pending_ids = []
                 if output.finished:
                     # The generator ends after this output; running it out (no break) lets vLLM
                     # close its side of the request at once.
@@ -514,7 +461,7 @@ class VLLMEngine:
             reason = "cancelled"
         except Exception as exception:
             logger.exception("vLLM request %s failed", entry.vllm_id)
-            reason, error = "error", f"{type(exception).__name__}: {_one_line(exception)}"
+            reason, error = "error", f"{type(exception).__name__}: {one_line(exception)}"
         self._finish(entry, reason, "".join(pieces), token_ids, logprobs, error)
 
     def _finish_unfinished(self, entry: _Request) -> None:
@@ -573,7 +520,7 @@ class VLLMEngine:
         entry.stream.finished = True
         entry.stream._deliver(result)
         # A smoothed request duration feeds Retry-After estimates.
-        self._recent_request_seconds = 0.8 * self._recent_request_seconds + 0.2 * result.e2e_s
+        self._retry_after.observe(result.e2e_s)
         self._notify("on_request_finished", result)
 
     # ----- tools ---------------------------------------------------------------------------
@@ -596,14 +543,9 @@ class VLLMEngine:
         """
         if not request.tools:
             return ToolCallExtraction(content=text, tool_calls=())
-        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
         parser = self._tool_parser()(self._tokenizer)
-        chat_request = ChatCompletionRequest(
-            model=self.model_name,
-            messages=[dict(message) for message in request.messages or ()],
-            tools=[dict(tool) for tool in request.tools],
-        )
+        chat_request = self._parser_request(request)
         extracted = parser.extract_tool_calls(text, chat_request)
         if not extracted.tools_called:
             return ToolCallExtraction(content=text, tool_calls=())
@@ -616,6 +558,29 @@ class VLLMEngine:
             for call in extracted.tool_calls
         )
         return ToolCallExtraction(content=extracted.content or None, tool_calls=calls)
+
+    def tool_call_stream(self, request: GenerationRequest, tool_choice: str) -> ToolCallStream:
+        """A streaming tool-call parser for one choice of this request (see _ToolCallStream).
+
+        Raises InvalidRequestError(param="tools") as extract_tool_calls does."""
+
+        chat_request = self._parser_request(request)
+        parser = self._tool_parser()(self._tokenizer, chat_request.tools) if tool_choice == "auto" else None
+        return _ToolCallStream(chat_request, tool_choice, parser, self._tokenizer)
+
+    def _parser_request(self, request: GenerationRequest) -> Any:
+        """vLLM's ChatCompletionRequest as its tool parsers read it: the tools (and the model).
+
+        The conversation stays out: the parsers never read it, and the messages Zeus renders hold
+        earlier calls' arguments as objects (what chat templates want), where vLLM's request model
+        wants OpenAI's JSON strings."""
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+        return ChatCompletionRequest(
+            model=self.model_name,
+            messages=[{"role": "user", "content": ""}],
+            tools=[dict(tool) for tool in request.tools or ()],
+        )
 
     def _tool_parser(self) -> Any:
         """vLLM's parser class (cached), checked once against this model's tokenizer.
@@ -638,7 +603,7 @@ class VLLMEngine:
             except Exception as error:
                 raise InvalidRequestError(
                     f"tool-call parser {name!r} does not fit model {self.model_name} "
-                    f"({_one_line(error)}): set ZEUS_TOOL_CALL_PARSER to another of vLLM's parsers",
+                    f"({one_line(error)}): set ZEUS_TOOL_CALL_PARSER to another of vLLM's parsers",
                     param="tools",
                 ) from None
             self._tool_parser_class = parser_class
@@ -697,12 +662,98 @@ class VLLMEngine:
             logger.exception("engine observer hook %s failed", hook)
 
 
+class _ToolCallStream:
+    """vLLM's streaming tool-call extraction for one choice, as vLLM's own chat serving runs it.
+
+    - "auto": the model family's parser (`extract_tool_calls_streaming`, stateful: one parser per
+      choice) sees the text and token ids so far and this delta's; it holds back a call's opening
+      tag and sends content, then each call's id and name, then its arguments in fragments.
+    - "required": the reply is the JSON array that structured output forces
+      (`[{"name": ..., "parameters": {...}}, ...]`); vLLM's `extract_required_tool_call_streaming`
+      announces each element once its name is complete and streams its parameters.
+    - "function:NAME": the reply is NAME's arguments object; vLLM's
+      `extract_named_tool_call_streaming` sends the id and name first, then the text as arguments.
+    """
+
+    def __init__(self, chat_request: Any, tool_choice: str, parser: Any, tokenizer: Any) -> None:
+        self._request = chat_request
+        self._choice = tool_choice
+        self._parser = parser
+        self._tokenizer = tokenizer
+        self._text = ""
+        self._token_ids: list[int] = []
+        self._name_sent = False
+
+    def feed(self, delta: TextDelta) -> ToolStreamDelta | None:
+        from vllm.tool_parsers.streaming import (
+            extract_named_tool_call_streaming,
+            extract_required_tool_call_streaming,
+        )
+
+        previous_text, previous_ids = self._text, list(self._token_ids)
+        self._text += delta.text
+        self._token_ids.extend(delta.token_ids)
+        if self._choice == "auto":
+            message = self._parser.extract_tool_calls_streaming(
+                previous_text,
+                self._text,
+                delta.text,
+                previous_ids,
+                list(self._token_ids),
+                list(delta.token_ids),
+                self._request,
+            )
+        elif self._choice == "required":
+            message, _ = extract_required_tool_call_streaming(
+                previous_text=previous_text,
+                current_text=self._text,
+                tool_call_idx=None,
+                tool_call_id_type="random",
+            )
+        else:
+            if not delta.text and self._name_sent:
+                return None
+            message, self._name_sent = extract_named_tool_call_streaming(
+                delta_text=delta.text,
+                function_name=self._choice.removeprefix("function:"),
+                function_name_returned=self._name_sent,
+                tool_call_idx=None,
+                tool_call_id_type="random",
+                tokenizer=self._tokenizer,
+            )
+        return _stream_delta(message)
+
+    def finish(self) -> ToolStreamDelta | None:
+        # As vLLM's serving at the last output: arguments the parser has read but not yet sent (a
+        # call whose closing tag never came) go out with the last call.
+        if self._parser is None or not self._parser.prev_tool_call_arr:
+            return None
+        remaining = self._parser.get_remaining_unstreamed_args()
+        if not remaining:
+            return None
+        index = len(self._parser.prev_tool_call_arr) - 1
+        return ToolStreamDelta(tool_calls=(ToolCallDelta(index=index, arguments=remaining),))
+
+
+def _stream_delta(message: Any) -> ToolStreamDelta | None:
+    """vLLM's DeltaMessage as the contract's ToolStreamDelta (None when it carries nothing)."""
+    if message is None:
+        return None
+    calls = tuple(
+        ToolCallDelta(
+            index=call.index,
+            id=call.id,
+            name=call.function.name if call.function is not None else None,
+            arguments=call.function.arguments if call.function is not None else None,
+        )
+        for call in message.tool_calls or ()
+    )
+    if not message.content and not calls:
+        return None
+    return ToolStreamDelta(content=message.content or None, tool_calls=calls)
+
+
 def _kv_cache_bytes(config: VLLMEngineConfig) -> int | None:
     if config.kv_cache_gb is None:
         return None
     return int(config.kv_cache_gb * 1024**3)
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text[:400]

@@ -118,17 +118,18 @@ class _EngineCollector(Collector):
                     "Prompt tokens served from the prefix cache / prompt tokens looked up, since start.",
                     value=stats.prefix_cache_hit_rate,
                 )
-            # vLLM's own counters (its names; the client library adds _total), so that dashboards
-            # and `python -m bench serve --metrics-urls` read Zeus as they read a bare vLLM server.
+            # vLLM's own counters under vLLM's own names (exposed as *_total), so that whatever reads
+            # a bare vLLM server's hit rate (bench serve --workload chat, dashboards) reads Zeus's.
+            # Absent where the engine has no prefix cache (the built-in engine).
             if stats.prefix_cache_queries is not None and stats.prefix_cache_hits is not None:
                 yield CounterMetricFamily(
                     "vllm:prefix_cache_queries",
-                    "Prompt tokens looked up in the prefix cache, since start.",
+                    "Prefix cache queries, in terms of number of queried tokens.",
                     value=stats.prefix_cache_queries,
                 )
                 yield CounterMetricFamily(
                     "vllm:prefix_cache_hits",
-                    "Prompt tokens found in the prefix cache, since start.",
+                    "Prefix cache hits, in terms of number of cached tokens.",
                     value=stats.prefix_cache_hits,
                 )
         yield GaugeMetricFamily(

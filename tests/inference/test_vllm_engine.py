@@ -132,6 +132,10 @@ async def test_a_repeated_prefix_is_served_from_the_prefix_cache(vllm_engine: An
     assert 0 < stats.prefix_cache_hits < stats.prefix_cache_queries
     assert stats.prefix_cache_hit_rate == stats.prefix_cache_hits / stats.prefix_cache_queries
     assert stats.kv_cache_usage is not None and 0 <= stats.kv_cache_usage <= 1
+    # vLLM's counters (prompt tokens), which /metrics exports under vLLM's names.
+    assert stats.prefix_cache_queries is not None and stats.prefix_cache_hits is not None
+    assert 0 < stats.prefix_cache_hits <= stats.prefix_cache_queries
+    assert stats.prefix_cache_hit_rate == stats.prefix_cache_hits / stats.prefix_cache_queries
 
 
 def test_tool_calls_are_parsed_with_the_parser_for_the_model_family(vllm_engine: Any) -> None:
@@ -175,3 +179,100 @@ def test_zeus_engine_vllm_goes_through_the_factory_and_a_refusal_is_one_startup_
         load_engine(settings)
     line = str(refused.value)
     assert line.startswith("model not loaded: vLLM refused") and "\n" not in line, line
+
+
+WEATHER_TOOLS = (
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    },
+)
+
+
+@pytest.fixture(scope="module")
+def loaded_vllm_engine(smollm2_path: Path) -> Any:
+    """The engine loaded (configuration and tokenizer) but not started: enough for its parsers."""
+    from app.inference.vllm_engine import VLLMEngine
+
+    return VLLMEngine.load(vllm_config(smollm2_path))
+
+
+def stream_tool_calls(engine: Any, reply: str, tool_choice: str) -> list[Any]:
+    """Feed `reply` token by token, as the engine streams it, through the streaming parser."""
+    from app.inference.types import TextDelta
+
+    request = GenerationRequest(
+        messages=({"role": "user", "content": "Weather in Paris?"},), tools=WEATHER_TOOLS
+    )
+    parser = engine.tool_call_stream(request, tool_choice)
+    ids = engine.tokenizer(reply, add_special_tokens=False)["input_ids"]
+    parsed, sent = [], ""
+    for end in range(1, len(ids) + 1):
+        text = engine.tokenizer.decode(ids[:end])
+        piece, sent = text[len(sent) :], text
+        parsed.append(parser.feed(TextDelta(text=piece, token_count=1, token_ids=(ids[end - 1],))))
+    parsed.append(parser.finish())
+    return [item for item in parsed if item is not None]
+
+
+def assert_streamed_as_openai(parsed: list[Any], name: str, arguments: dict[str, Any]) -> None:
+    calls = [call for item in parsed for call in item.tool_calls]
+    first = calls[0]
+    assert (first.index, first.name) == (0, name) and first.id
+    # Later fragments carry only argument text, for the same call.
+    assert all(call.index == 0 and call.id is None and call.name is None for call in calls[1:])
+    fragments = [call.arguments for call in calls if call.arguments]
+    assert len(fragments) > 1, fragments
+    assert json.loads("".join(fragments)) == arguments
+
+
+def test_auto_tool_calls_stream_through_the_family_parser(loaded_vllm_engine: Any) -> None:
+    reply = 'Let me check.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    parsed = stream_tool_calls(loaded_vllm_engine, reply, "auto")
+    assert "".join(item.content or "" for item in parsed) == "Let me check."
+    assert_streamed_as_openai(parsed, "get_weather", {"city": "Paris"})
+    plain = stream_tool_calls(loaded_vllm_engine, "It is sunny in Paris.", "auto")
+    assert "".join(item.content or "" for item in plain) == "It is sunny in Paris."
+    assert not any(item.tool_calls for item in plain)
+
+
+def test_forced_tool_calls_stream_their_arguments(loaded_vllm_engine: Any) -> None:
+    required = '[{"name": "get_weather", "parameters": {"city": "Paris"}}]'
+    assert_streamed_as_openai(
+        stream_tool_calls(loaded_vllm_engine, required, "required"), "get_weather", {"city": "Paris"}
+    )
+    named = '{"city": "Paris"}'
+    assert_streamed_as_openai(
+        stream_tool_calls(loaded_vllm_engine, named, "function:get_weather"), "get_weather", {"city": "Paris"}
+    )
+
+
+def test_a_conversation_with_earlier_tool_calls_is_parsed_too(loaded_vllm_engine: Any) -> None:
+    # The follow-up turn: the history holds the call (arguments as an object, as chat templates
+    # read them) and the tool's result; the parsers still split the new reply.
+    history = (
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": "",  # as the API renders a null content
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "sunny"}'},
+    )
+    request = GenerationRequest(messages=history, tools=WEATHER_TOOLS)
+    assert loaded_vllm_engine.count_prompt_tokens(request) > 0
+    assert loaded_vllm_engine.extract_tool_calls("It is sunny.", request).content == "It is sunny."
+    stream = loaded_vllm_engine.tool_call_stream(request, "auto")
+    from app.inference.types import TextDelta
+
+    parsed = stream.feed(TextDelta(text="It is sunny.", token_count=4))
+    assert parsed is not None and parsed.content == "It is sunny." and not parsed.tool_calls
