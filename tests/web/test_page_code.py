@@ -8,6 +8,8 @@ page's Content-Security-Policy (module_page asserts a clean page), which KaTeX's
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from playwright.sync_api import Page, expect
 
@@ -233,6 +235,8 @@ RENDERER_PAYLOADS = {
     "footnote": '[^1]\n\n[^1]: <img src=x onerror="window.__xss=1"> [a](javascript:alert(1))',
     "link title": '[x](https://example.com "a\\" onmouseover=\\"window.__xss=1")',
     "code info string": '```"><img src=x onerror=window.__xss=1>\ncode\n```',
+    "task list": '- [ ] <input onfocus="window.__xss=1" autofocus>\n- [x] [a](javascript:alert(1))\n'
+    '- [ ]<button onclick="window.__xss=1">b</button>',
 }
 
 
@@ -240,8 +244,11 @@ RENDERER_PAYLOADS = {
 def test_payloads_aimed_at_the_renderers_stay_inert(module_page: Page, name: str) -> None:
     result = render(module_page, RENDERER_PAYLOADS[name])
 
-    forbidden = {"script", "iframe", "img", "image", "object", "embed", "style", "form", "input", "div"}
+    forbidden = {"script", "iframe", "img", "image", "object", "embed", "style", "form", "button", "div"}
     assert forbidden.isdisjoint(result["tags"]) or name == "code info string", result["tags"]
+    # The one form control a reply may hold: a task list's disabled checkbox.
+    inputs = module_page.locator("#render-host input")
+    assert inputs.count() == module_page.locator("#render-host input[type=checkbox][disabled]").count()
     assert not [attribute for attribute in result["attributes"] if attribute.startswith("on")]
     assert all(link.startswith(("https://", "http://", "mailto:", "#")) for link in result["links"]), result[
         "links"
@@ -270,6 +277,89 @@ def test_commonmark_details_that_the_old_renderer_got_wrong(module_page: Page) -
     expect(host.locator("p").nth(0)).to_contain_text("© &")
     expect(host.locator("em > strong, strong > em")).to_have_text("both")
     expect(host.locator(".footnotes li")).to_contain_text("The footnote.")
+
+
+def test_task_lists_give_disabled_checkboxes(module_page: Page) -> None:
+    render(
+        module_page,
+        "- [ ] write the *tests*\n- [x] ship it\n- not a task\n  - [X] nested done\n\n1. [ ] numbered\n",
+    )
+    host = module_page.locator("#render-host")
+    boxes = host.locator("input[type=checkbox]")
+
+    expect(boxes).to_have_count(4)
+    for index in range(4):
+        expect(boxes.nth(index)).to_be_disabled()
+    assert [boxes.nth(index).is_checked() for index in range(4)] == [False, True, True, False]
+    # The brackets become the checkbox; the rest of the item stays Markdown, labelling it.
+    expect(host.locator("li").first).to_have_text("write the tests")
+    expect(host.locator("li").first.locator("em")).to_have_text("tests")
+    expect(host.get_by_label("ship it")).to_be_checked()
+    expect(host.locator("li", has_text="not a task").locator("> input")).to_have_count(0)
+    assert "[ ]" not in host.inner_text() and "[x]" not in host.inner_text()
+    # A reader cannot tick them: the reply is a record.
+    host.get_by_label("write the tests").click(force=True)
+    expect(boxes.first).not_to_be_checked()
+
+
+def test_task_list_ids_are_unique_across_replies(module_page: Page) -> None:
+    ids = module_page.evaluate(
+        """() => {
+            const host = document.createElement('div');
+            document.body.replaceChildren(host);
+            host.append(window.zeus.markdown.renderMarkdown('- [ ] a\\n- [ ] b'));
+            host.append(window.zeus.markdown.renderMarkdown('- [ ] a\\n- [ ] b'));
+            return [...host.querySelectorAll('input')].map((box) => [box.id, box.nextElementSibling.htmlFor]);
+        }"""
+    )
+
+    assert len({box for box, _ in ids}) == 4, ids
+    assert all(box == label for box, label in ids), ids
+
+
+def test_footnotes_get_a_section_with_back_links(module_page: Page) -> None:
+    render(module_page, "Claim[^src] and again[^src], another[^2].\n\n[^src]: A source.\n[^2]: Second.\n")
+    host = module_page.locator("#render-host")
+
+    expect(host.locator("section.footnotes li")).to_have_count(2)
+    expect(host.locator("sup.footnote-ref a")).to_have_count(3)
+    # Every citation jumps to its note and every note links back to each citation, by ids that
+    # exist in the page (DOMPurify keeps them).
+    links = module_page.evaluate(
+        """() => [...document.querySelectorAll('#render-host a[href^="#"]')].map((a) => ({
+            href: a.getAttribute('href'),
+            back: a.classList.contains('footnote-backref'),
+            target: document.getElementById(decodeURIComponent(a.hash.slice(1)))?.tagName ?? null,
+        }))"""
+    )
+    assert [link["back"] for link in links].count(True) == 3, links
+    assert all(link["target"] for link in links), links
+    assert {link["target"] for link in links if link["back"]} == {"A"}
+    assert {link["target"] for link in links if not link["back"]} == {"LI"}
+    expect(host.locator("section.footnotes li").first).to_contain_text("A source.")
+    # Links inside the reply stay in the page; only outside links open a new tab.
+    assert host.locator("a[href^='#'][target]").count() == 0
+
+
+def test_entities_autolinks_and_nested_emphasis(module_page: Page) -> None:
+    render(
+        module_page,
+        "&lt;tag&gt; &quot;q&quot; &#8212; &nbsp;x &notanentity;\n\n"
+        "<https://example.org/a_b> <mailto:team@example.org> https://example.com/x_(y), ok\n\n"
+        "***bold italic*** **bold *inner* bold** ~~gone~~\n",
+    )
+    host = module_page.locator("#render-host")
+
+    expect(host.locator("p").first).to_have_text('<tag> "q" \u2014 \u00a0x &notanentity;')
+    links = host.locator("a")
+    assert [links.nth(i).get_attribute("href") for i in range(links.count())] == [
+        "https://example.org/a_b",
+        "mailto:team@example.org",
+        "https://example.com/x_(y)",
+    ]
+    expect(host.locator("em > strong, strong > em").first).to_have_text("bold italic")
+    expect(host.locator("strong > em")).to_have_text("inner")
+    expect(host.locator("s")).to_have_text("gone")
 
 
 def test_math_is_typeset_by_katex(module_page: Page) -> None:
@@ -348,6 +438,70 @@ def test_streaming_keeps_finished_blocks_and_the_selection(module_page: Page) ->
     assert result["cursor"] == 0
     # The paragraph and the code block were drawn once; the list waits for a complete next line.
     assert result["done"] == 2
+
+
+def test_a_selection_made_while_a_reply_with_footnotes_streams_survives(module_page: Page) -> None:
+    """A person selects the first paragraph with the mouse while the reply is still arriving; the
+    reply cites a footnote, so it is drawn again as a whole at its end: the paragraph (unchanged)
+    keeps its node and the selection, the cited paragraph gains its link."""
+    text = (
+        "The first paragraph, to be selected.\n\nA claim[^1] in the second.\n\n"
+        + "".join(f"Filler paragraph {n} with `code` and **bold**.\n\n" for n in range(40))
+        + "[^1]: The source.\n"
+    )
+    module_page.evaluate(
+        """(text) => {
+            const host = document.createElement('div');
+            host.className = 'markdown';
+            host.id = 'render-host';
+            document.body.replaceChildren(host);
+            const renderer = window.zeus.markdown.createReplyRenderer(host);
+            let end = 0;
+            window.__streamDone = false;
+            const timer = setInterval(() => {
+                end = Math.min(text.length, end + 8);
+                if (end < text.length) {
+                    renderer.update(text.slice(0, end));
+                } else {
+                    clearInterval(timer);
+                    renderer.finish(text);
+                    window.__streamDone = true;
+                }
+            }, 15);
+        }""",
+        text,
+    )
+    first = module_page.locator("#render-host p", has_text="The first paragraph")
+    # Drawn as finished once a later block has begun on a complete line.
+    expect(module_page.locator("#render-host .markdown__done p", has_text="A claim")).to_be_visible()
+    first.evaluate("(node) => { window.__first = node; }")
+    first.click(click_count=3)
+    assert module_page.evaluate("getSelection().toString().trim()") == "The first paragraph, to be selected."
+    assert module_page.evaluate("window.__streamDone") is False, "the stream ended before the selection"
+
+    module_page.wait_for_function("() => window.__streamDone")
+
+    assert module_page.evaluate("getSelection().toString().trim()") == "The first paragraph, to be selected."
+    assert module_page.evaluate("document.querySelector('#render-host p') === window.__first")
+    host = module_page.locator("#render-host")
+    expect(host.locator("p", has_text="A claim").locator("sup.footnote-ref a")).to_have_count(1)
+    expect(host.locator("section.footnotes li")).to_contain_text("The source.")
+    expect(host.locator("p", has_text="Filler paragraph")).to_have_count(40)
+    # Block for block what the whole reply gives when drawn at once.
+    blocks = module_page.evaluate(
+        """(text) => {
+            const copy = document.createElement('div');
+            copy.append(window.zeus.markdown.renderMarkdown(text));
+            const drawn = document.querySelectorAll('#render-host .markdown__done > *, .markdown__live > *');
+            const html = (nodes) => [...nodes].map((node) => node.outerHTML);
+            return { drawn: html(drawn), whole: html(copy.children) };
+        }""",
+        text,
+    )
+    # Only the footnote ids differ (each drawing of a whole reply numbers its own).
+    assert [re.sub(r"-r\d+-", "-", block) for block in blocks["drawn"]] == [
+        re.sub(r"-r\d+-", "-", block) for block in blocks["whole"]
+    ]
 
 
 def test_streaming_work_does_not_grow_with_the_reply(module_page: Page) -> None:

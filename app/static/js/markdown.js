@@ -1,10 +1,11 @@
 // Markdown, code and math for chat replies, by maintained libraries (vendored from npm, see
-// tools/vendor_static.py): markdown-it parses (CommonMark + tables, strikethrough, autolinks and
-// footnotes), highlight.js colours code, KaTeX typesets $...$ and $$...$$ through
+// tools/vendor_static.py): markdown-it parses (CommonMark + tables, strikethrough, autolinks,
+// footnotes and task lists), highlight.js colours code, KaTeX typesets $...$ and $$...$$ through
 // markdown-it-texmath. Whatever HTML they produce goes through DOMPurify before it reaches the
 // page, so a reply can never run script:
 // - raw HTML in the source is shown as text (markdown-it's html option is off);
 // - links keep only http(s) and mailto targets; images are never loaded (shown as links);
+// - the only form control is a task list's checkbox, always disabled;
 // - KaTeX runs untrusted (\href, \url, \htmlClass... render as red source text).
 // While a reply streams, finished blocks are rendered once and kept; only the block still being
 // written is parsed again, so the work per update does not grow with the reply and a selection
@@ -14,6 +15,7 @@ import DOMPurify from "../vendor/dompurify/purify.es.js";
 import katex from "../vendor/katex/katex.esm.js";
 import markdownit from "../vendor/markdown-it/markdown-it.esm.min.js";
 import footnote from "../vendor/markdown-it-footnote/markdown-it-footnote.esm.js";
+import { tasklist } from "../vendor/mdit-plugin-tasklist/tasklist.esm.js";
 import { highlightCode } from "./highlight.js";
 
 const texmath = await loadClassicScript("../vendor/markdown-it-texmath/texmath.js", "texmath");
@@ -57,6 +59,8 @@ function newParser({ footnotes }) {
   md.validateLink = (url) => SAFE_LINK.test(url.trim());
   md.use(texmath, { engine: katex, delimiters: ["dollars", "brackets"], katexOptions: KATEX_OPTIONS });
   if (footnotes) md.use(footnote);
+  // `- [ ] item` / `- [x] item`: a disabled checkbox, the item's text as its label.
+  md.use(tasklist, { disabled: true, label: true });
   // An image in a reply would be fetched by every reader: show it as a link to its address.
   md.renderer.rules.image = (tokens, index) => {
     const token = tokens[index];
@@ -81,10 +85,17 @@ function moveStyles(html) {
 }
 
 // SVG and MathML come only from KaTeX; anywhere else they are dropped, whatever produced them.
+// The only input kept is a checkbox (task lists; raw HTML never gets this far, see `html: false`).
 DOMPurify.addHook("uponSanitizeElement", (node, data) => {
   if ((data.tagName === "svg" || data.tagName === "math") && !node.parentElement?.closest(".katex")) {
     node.remove();
+  } else if (data.tagName === "input" && node.getAttribute("type") !== "checkbox") {
+    node.remove();
   }
+});
+// ...and it can never be ticked by the reader: a reply is a record, not a form.
+DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+  if (node.nodeName === "INPUT") node.setAttribute("disabled", "");
 });
 
 const PURIFY_OPTIONS = {
@@ -92,8 +103,8 @@ const PURIFY_OPTIONS = {
   // DOMPurify's default minus the schemes a reply has no use for (tel:, cid:, xmpp:...). It is
   // applied to every attribute value, so values without a scheme (KaTeX's viewBox) must pass.
   ALLOWED_URI_REGEXP: /^(?:(?:https?|mailto):|[^a-z]|[a-z+.-]+(?:[^a-z+.\-:]|$))/i,
-  FORBID_TAGS: ["style", "img", "image", "form", "input", "button", "textarea", "select", "iframe"],
-  FORBID_ATTR: ["src", "srcset", "xlink:href", "action", "formaction"],
+  FORBID_TAGS: ["style", "img", "image", "form", "button", "textarea", "select", "iframe"],
+  FORBID_ATTR: ["src", "srcset", "xlink:href", "action", "formaction", "form", "name", "value"],
   ADD_ATTR: ["data-zeus-style"],
 };
 
@@ -142,6 +153,8 @@ export function copyButton(label, getText, className = "btn btn--small") {
   return button;
 }
 
+let taskCounter = 0;
+
 // Code blocks get a header with their language and a copy button; tables scroll on their own;
 // links open in a new tab without telling the target where they came from.
 function decorate(fragment) {
@@ -170,6 +183,13 @@ function decorate(fragment) {
     scroller.className = "table-scroll";
     table.replaceWith(scroller);
     scroller.append(table);
+  }
+  // The task list plugin numbers its checkboxes per reply; the page shows many replies, and each
+  // label must name its own checkbox.
+  for (const checkbox of fragment.querySelectorAll("input[id]")) {
+    const label = fragment.querySelector(`label[for="${CSS.escape(checkbox.id)}"]`);
+    checkbox.id = `task-${(taskCounter += 1)}`;
+    if (label) label.htmlFor = checkbox.id;
   }
   for (const anchor of fragment.querySelectorAll("a[href]")) {
     if (anchor.getAttribute("href").startsWith("#")) continue; // footnote jumps stay in the page
@@ -260,15 +280,49 @@ export function createReplyRenderer(body) {
     },
     finish(text) {
       // Footnotes and link reference definitions reach back into earlier blocks: such a reply is
-      // drawn once more as a whole. Any other keeps its blocks (and the reader's selection).
+      // drawn once more as a whole, and only the blocks that came out different are swapped in.
+      // Any other reply keeps its blocks as drawn.
       if (/\[\^|^\s{0,3}\[[^\]]+\]:/m.test(text) || Object.keys(env.references ?? {}).length) {
-        body.replaceChildren(renderMarkdown(text));
+        replaceChangedBlocks([done, live], renderMarkdown(text));
         return;
       }
       commitFinishedBlocks(text);
       drawLive(text, false);
     },
   };
+}
+
+/**
+ * Makes the blocks (element children) of `containers`, taken in order, equal to those of
+ * `fresh`, touching only the blocks that differ: an unchanged block keeps its very nodes, so a
+ * selection inside it survives (removing a node, even to insert it again, collapses a selection
+ * in it). New blocks go before the next kept one, or at the end of the last container.
+ */
+function replaceChangedBlocks(containers, fresh) {
+  const old = containers.flatMap((container) => [...container.children]);
+  const kept = new Set();
+  const wanted = [];
+  let next = 0;
+  for (const block of [...fresh.children]) {
+    let match = next;
+    while (match < old.length && !old[match].isEqualNode(block)) match += 1;
+    if (match < old.length) {
+      kept.add(old[match]);
+      wanted.push(old[match]);
+      next = match + 1;
+    } else {
+      wanted.push(block);
+    }
+  }
+  for (const block of old) if (!kept.has(block)) block.remove();
+  let anchor = null;
+  for (const block of wanted.reverse()) {
+    if (!kept.has(block)) {
+      if (anchor) anchor.before(block);
+      else containers[containers.length - 1].append(block);
+    }
+    anchor = block;
+  }
 }
 
 function deepestLast(element) {
