@@ -345,7 +345,8 @@ def test_entities_autolinks_and_nested_emphasis(module_page: Page) -> None:
     render(
         module_page,
         "&lt;tag&gt; &quot;q&quot; &#8212; &nbsp;x &notanentity;\n\n"
-        "<https://example.org/a_b> <mailto:team@example.org> https://example.com/x_(y), ok\n\n"
+        "<https://example.org/a_b> <mailto:team@example.org> https://example.com/x_(y), ok\n"
+        "(see www.example.com/wiki/A_(b).) Edit setup.py and README.md.\n\n"
         "***bold italic*** **bold *inner* bold** ~~gone~~\n",
     )
     host = module_page.locator("#render-host")
@@ -356,6 +357,7 @@ def test_entities_autolinks_and_nested_emphasis(module_page: Page) -> None:
         "https://example.org/a_b",
         "mailto:team@example.org",
         "https://example.com/x_(y)",
+        "http://www.example.com/wiki/A_(b)",
     ]
     expect(host.locator("em > strong, strong > em").first).to_have_text("bold italic")
     expect(host.locator("strong > em")).to_have_text("inner")
@@ -373,30 +375,62 @@ def test_math_is_typeset_by_katex(module_page: Page) -> None:
     assert module_page.evaluate("[...document.querySelectorAll('#render-host .katex [style]')].length") > 0
 
 
+def test_math_in_the_delimiters_models_use_and_dollars_that_are_money(module_page: Page) -> None:
+    render(
+        module_page,
+        "Inline \\(a^2 + b^2 = c^2\\) and display:\n\n\\[\n\\sum_{i=1}^n i\n\\]\n\n"
+        "It costs $5 and $10 per month.\n\nLet $x$ be.\n\n$$\nE = mc^2\n$$\n",
+    )
+    host = module_page.locator("#render-host")
+
+    expect(host.locator(".katex")).to_have_count(4)
+    expect(host.locator(".katex-display")).to_have_count(2)
+    expect(host.locator("p", has_text="It costs")).to_have_text("It costs $5 and $10 per month.")
+    assert "\\(" not in host.inner_text() and "\\[" not in host.inner_text()
+
+
 @pytest.mark.parametrize(
-    ("language", "code", "token"),
+    ("language", "code", "token", "text"),
     [
-        ("rust", "fn longest<'a>(x: &'a str) -> &'a str { x }", ".hljs-symbol"),
-        ("typescript", "interface User { id: number }\nconst u: User = { id: 1 };", ".hljs-keyword"),
-        ("dockerfile", "FROM debian:12\nRUN apt-get update", ".hljs-keyword"),
-        ("diff", "--- a\n+++ b\n-old\n+new", ".hljs-addition"),
-        ("toml", "[server]\nport = 8080 # web", ".hljs-section"),
-        ("sql", "SELECT id FROM users WHERE id = 1;", ".hljs-keyword"),
-        ("yaml", "key: value\nlist:\n  - 1", ".hljs-attr"),
-        ("go", 'func main() { fmt.Println("hi") }', ".hljs-keyword"),
+        # A lifetime is one symbol, not the start of a character literal that runs on.
+        ("rust", "fn longest<'a>(x: &'a str) -> &'a str { x }", ".hljs-symbol", "'a"),
+        (
+            "typescript",
+            "interface User { id: number }\nconst u: User = { id: 1 };",
+            ".hljs-keyword",
+            "interface",
+        ),
+        ("ts", "type Id = string | number;", ".hljs-keyword", "type"),
+        ("dockerfile", "FROM debian:12\nRUN apt-get update", ".hljs-keyword", "FROM"),
+        ("diff", "--- a\n+++ b\n-old\n+new", ".hljs-addition", "+new"),
+        ("toml", '[server]\nport = 8080 # web\nname = "zeus"', ".hljs-section", "[server]"),
+        ("sql", "SELECT id FROM users WHERE id = 1;", ".hljs-keyword", "SELECT"),
+        ("postgresql", "SELECT now()::date;", ".hljs-keyword", "SELECT"),
+        ("yaml", "key: value\nlist:\n  - 1", ".hljs-attr", "key:"),
+        ("go", 'func main() { fmt.Println("hi") }', ".hljs-keyword", "func"),
+        ("python", "def f(x):\n    return x  # same", ".hljs-keyword", "def"),
+        ("r", "df <- read.csv('a.csv')\nsummary(df)", ".hljs-string", "'a.csv'"),
+        ("jsx", "const a = <div className='x'>hi</div>;", ".hljs-keyword", "const"),
+        ("sh", 'for f in *.txt; do echo "$f"; done', ".hljs-keyword", "for"),
+        ("console", "$ ls -la\ntotal 0", ".hljs-meta", "$"),
+        ("json", '{"a": [1, true, null]}', ".hljs-attr", '"a"'),
+        ("html", "<p class='x'>hi</p>", ".hljs-tag", "<p class='x'>"),
+        ("excel", "=SUM(A1:A10)", ".hljs-built_in", "SUM"),
+        ("stata", "regress y x1 x2, robust", ".hljs-keyword", "regress"),
+        ("http", "GET /api/health HTTP/1.1\nHost: example.com", ".hljs-attribute", "Host"),
     ],
 )
 def test_languages_analysts_use_are_highlighted(
-    module_page: Page, language: str, code: str, token: str
+    module_page: Page, language: str, code: str, token: str, text: str
 ) -> None:
     render(module_page, f"```{language}\n{code}\n```")
 
-    assert module_page.locator(f"#render-host {token}").count() > 0
+    expect(module_page.locator(f"#render-host {token}").first).to_have_text(text)
     expect(module_page.locator("#render-host pre code")).to_have_text(code + "\n")
 
 
 def test_streaming_keeps_finished_blocks_and_the_selection(module_page: Page) -> None:
-    text = "First paragraph here.\n\n```js\nconst a = 1;\n```\n\n- one\n- two\n\nLast words $x^2$."
+    text = "First paragraph here.\n\n```js\nconst a = 1;\n```\n\n- [ ] one\n- [x] two\n\nLast words $x^2$."
     result = module_page.evaluate(
         """async (text) => {
             const host = document.createElement('div');
@@ -427,6 +461,7 @@ def test_streaming_keeps_finished_blocks_and_the_selection(module_page: Page) ->
                 fullText: full.textContent,
                 cursor: host.querySelectorAll('.cursor').length,
                 done: host.querySelector('.markdown__done').children.length,
+                boxes: [...host.querySelectorAll('input')].map((b) => [b.type, b.disabled, b.checked]),
             };
         }""",
         text,
@@ -438,6 +473,7 @@ def test_streaming_keeps_finished_blocks_and_the_selection(module_page: Page) ->
     assert result["cursor"] == 0
     # The paragraph and the code block were drawn once; the list waits for a complete next line.
     assert result["done"] == 2
+    assert result["boxes"] == [["checkbox", True, False], ["checkbox", True, True]]
 
 
 def test_a_selection_made_while_a_reply_with_footnotes_streams_survives(module_page: Page) -> None:

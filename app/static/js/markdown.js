@@ -47,6 +47,24 @@ function escapeHtml(text) {
   return text.replace(/[&<>"']/g, (char) => `&#${char.charCodeAt(0)};`);
 }
 
+// GFM's "extended www autolink": `www.example.com/page` is a link without its scheme. linkify-it
+// (markdown-it's linkifier) recognises scheme-less links only in its fuzzy mode, which also links
+// bare names such as `setup.py` or `README.md` (.py and .md are country domains); so only the
+// `www.` prefix is taught to it, with GFM's rule for where the link ends: trailing punctuation
+// and a `)` without its `(` are not part of it.
+const WWW_TAIL = /^[\w-]+(?:\.[\w-]+)*(?:[/?#:][^\s<]*)?/;
+const count = (text, char) => text.split(char).length - 1;
+
+function wwwLinkLength(text, pos) {
+  let link = WWW_TAIL.exec(text.slice(pos))?.[0] ?? "";
+  for (;;) {
+    const trimmed = link.replace(/[?!.,:*_~'"]+$/, "");
+    if (trimmed.endsWith(")") && count(trimmed, "(") < count(trimmed, ")")) link = trimmed.slice(0, -1);
+    else if (/&\w+;$/.test(trimmed)) link = trimmed.replace(/&\w+;$/, "");
+    else return trimmed.length;
+  }
+}
+
 function newParser({ footnotes }) {
   const md = markdownit({
     html: false,
@@ -57,6 +75,12 @@ function newParser({ footnotes }) {
   // markdown-it already refuses javascript:, vbscript: and file:, but allows data: images and
   // relative links; a reply may link only to the web or to a mail address.
   md.validateLink = (url) => SAFE_LINK.test(url.trim());
+  md.linkify.add("www.", {
+    validate: wwwLinkLength,
+    normalize: (match) => {
+      match.url = `http://${match.url}`;
+    },
+  });
   md.use(texmath, { engine: katex, delimiters: ["dollars", "brackets"], katexOptions: KATEX_OPTIONS });
   if (footnotes) md.use(footnote);
   // `- [ ] item` / `- [x] item`: a disabled checkbox, the item's text as its label.
