@@ -364,6 +364,24 @@ def test_entities_autolinks_and_nested_emphasis(module_page: Page) -> None:
     expect(host.locator("s")).to_have_text("gone")
 
 
+def test_br_tags_break_lines_and_other_html_stays_text(module_page: Page) -> None:
+    render(
+        module_page,
+        "| step | notes |\n|---|---|\n| 1 | first<br>second<BR/>third |\n\n"
+        "escaped \\<br> and `<br>` and <b>bold</b> and <br onclick=alert(1)>\n\n3. three\n4. four\n",
+    )
+    host = module_page.locator("#render-host")
+
+    expect(host.locator("td br")).to_have_count(2)
+    expect(host.locator("td").nth(1)).to_have_text("first\nsecond\nthird")
+    # Only the bare tag: an escaped one, one in code and one with attributes stay as written.
+    expect(host.locator("p").first).to_have_text(
+        "escaped <br> and <br> and <b>bold</b> and <br onclick=alert(1)>"
+    )
+    expect(host.locator("p br, b")).to_have_count(0)
+    expect(host.locator("ol")).to_have_attribute("start", "3")
+
+
 def test_math_is_typeset_by_katex(module_page: Page) -> None:
     render(module_page, "Inline $e^{i\\pi} + 1 = 0$ and display:\n\n$$\\int_0^1 x^2\\,dx = \\frac{1}{3}$$\n")
     host = module_page.locator("#render-host")

@@ -3,7 +3,8 @@
 // footnotes and task lists), highlight.js colours code, KaTeX typesets $...$ and $$...$$ through
 // markdown-it-texmath. Whatever HTML they produce goes through DOMPurify before it reaches the
 // page, so a reply can never run script:
-// - raw HTML in the source is shown as text (markdown-it's html option is off);
+// - raw HTML in the source is shown as text (markdown-it's html option is off); a bare `<br>`
+//   becomes a line break;
 // - links keep only http(s) and mailto targets; images are never loaded (shown as links);
 // - the only form control is a task list's checkbox, always disabled;
 // - KaTeX runs untrusted (\href, \url, \htmlClass... render as red source text).
@@ -65,6 +66,25 @@ function wwwLinkLength(text, pos) {
   }
 }
 
+// Models write `<br>` for a line break where Markdown has none, above all inside table cells.
+// Raw HTML stays text (html: false), except this one tag: it becomes markdown-it's own hard
+// break. Runs before text_join, so an escaped `\<br>` (a separate token) stays text.
+const BR_TAG = /<br\s*\/?>/i;
+
+function brTags(state) {
+  for (const block of state.tokens) {
+    if (block.type !== "inline" || !BR_TAG.test(block.content)) continue;
+    block.children = block.children.flatMap((token) => {
+      if (token.type !== "text" || !BR_TAG.test(token.content)) return [token];
+      return token.content.split(new RegExp(BR_TAG, "gi")).flatMap((text, index) => {
+        const part = new state.Token("text", "", 0);
+        part.content = text;
+        return index === 0 ? [part] : [new state.Token("hardbreak", "br", 0), part];
+      });
+    });
+  }
+}
+
 function newParser({ footnotes }) {
   const md = markdownit({
     html: false,
@@ -82,6 +102,7 @@ function newParser({ footnotes }) {
     },
   });
   md.use(texmath, { engine: katex, delimiters: ["dollars", "brackets"], katexOptions: KATEX_OPTIONS });
+  md.core.ruler.after("inline", "br_tags", brTags);
   if (footnotes) md.use(footnote);
   // `- [ ] item` / `- [x] item`: a disabled checkbox, the item's text as its label.
   md.use(tasklist, { disabled: true, label: true });
