@@ -302,19 +302,25 @@ def test_task_lists_give_disabled_checkboxes(module_page: Page) -> None:
     expect(boxes.first).not_to_be_checked()
 
 
-def test_task_list_ids_are_unique_across_replies(module_page: Page) -> None:
-    ids = module_page.evaluate(
+def test_task_list_checkboxes_sit_in_their_labels_without_ids(module_page: Page) -> None:
+    """The same list twice on a page (two replies) repeats no id, and draws the same DOM each
+    time (so an unchanged item compares equal while a reply streams)."""
+    result = module_page.evaluate(
         """() => {
             const host = document.createElement('div');
             document.body.replaceChildren(host);
-            host.append(window.zeus.markdown.renderMarkdown('- [ ] a\\n- [ ] b'));
-            host.append(window.zeus.markdown.renderMarkdown('- [ ] a\\n- [ ] b'));
-            return [...host.querySelectorAll('input')].map((box) => [box.id, box.nextElementSibling.htmlFor]);
+            host.append(window.zeus.markdown.renderMarkdown('- [ ] a\\n- [x] b'));
+            host.append(window.zeus.markdown.renderMarkdown('- [ ] a\\n- [x] b'));
+            const [first, second] = host.querySelectorAll('ul');
+            return {
+                ids: host.querySelectorAll('[id], [for]').length,
+                labelled: [...host.querySelectorAll('input')].map((box) => box.labels[0]?.textContent.trim()),
+                same: first.isEqualNode(second),
+            };
         }"""
     )
 
-    assert len({box for box, _ in ids}) == 4, ids
-    assert all(box == label for box, label in ids), ids
+    assert result == {"ids": 0, "labelled": ["a", "b", "a", "b"], "same": True}
 
 
 def test_footnotes_get_a_section_with_back_links(module_page: Page) -> None:
@@ -456,10 +462,12 @@ def test_streaming_keeps_finished_blocks_and_the_selection(module_page: Page) ->
             document.body.replaceChildren(host);
             const renderer = window.zeus.markdown.createReplyRenderer(host);
             let firstParagraph = null;
+            let codeBlock = null;
             let selected = '';
             for (let end = 1; end <= text.length; end += 3) {
                 renderer.update(text.slice(0, end));
                 const paragraph = host.querySelector('p');
+                if (!codeBlock && end > text.indexOf('- [x]')) codeBlock = host.querySelector('.code-block');
                 if (firstParagraph === null && end > 30) {
                     firstParagraph = paragraph;
                     const range = document.createRange();
@@ -472,13 +480,14 @@ def test_streaming_keeps_finished_blocks_and_the_selection(module_page: Page) ->
             selected = getSelection().toString();
             const full = document.createElement('div');
             full.append(window.zeus.markdown.renderMarkdown(text));
+            const html = (node) => node.innerHTML.replace(/>\\s+</g, '><').trim();
             return {
                 same: host.querySelector('p') === firstParagraph,
+                sameCode: host.querySelector('.code-block') === codeBlock,
                 selected,
-                text: host.textContent,
-                fullText: full.textContent,
+                html: html(host),
+                fullHtml: html(full),
                 cursor: host.querySelectorAll('.cursor').length,
-                done: host.querySelector('.markdown__done').children.length,
                 boxes: [...host.querySelectorAll('input')].map((b) => [b.type, b.disabled, b.checked]),
             };
         }""",
@@ -487,11 +496,53 @@ def test_streaming_keeps_finished_blocks_and_the_selection(module_page: Page) ->
 
     assert result["same"], "the finished first paragraph was drawn again"
     assert result["selected"] == "First paragraph here."
-    assert result["text"] == result["fullText"]
+    # The code block was final once the list began on a complete line, and stayed as drawn.
+    assert result["sameCode"], "the finished code block was drawn again"
+    assert result["html"] == result["fullHtml"]
     assert result["cursor"] == 0
-    # The paragraph and the code block were drawn once; the list waits for a complete next line.
-    assert result["done"] == 2
     assert result["boxes"] == [["checkbox", True, False], ["checkbox", True, True]]
+
+
+def test_a_selection_in_a_list_that_is_still_streaming_survives(module_page: Page) -> None:
+    """A list is one block until it ends; its finished items keep their nodes while later items
+    arrive, and when the list itself becomes final."""
+    text = "".join(f"{n}. Item number {n} of the list.\n" for n in range(1, 13)) + "\nAfter the list.\n"
+    result = module_page.evaluate(
+        """(text) => {
+            const host = document.createElement('div');
+            host.className = 'markdown';
+            document.body.replaceChildren(host);
+            const renderer = window.zeus.markdown.createReplyRenderer(host);
+            let second = null;
+            for (let end = 1; end <= text.length; end += 4) {
+                renderer.update(text.slice(0, end));
+                if (second === null && end > text.indexOf('5. Item')) {
+                    second = host.querySelectorAll('li')[1];
+                    const range = document.createRange();
+                    range.selectNodeContents(second);
+                    getSelection().removeAllRanges();
+                    getSelection().addRange(range);
+                }
+            }
+            renderer.finish(text);
+            return {
+                same: host.querySelectorAll('li')[1] === second,
+                selected: getSelection().toString(),
+                items: host.querySelectorAll('ol > li').length,
+                start: host.querySelector('ol').getAttribute('start'),
+                last: host.lastElementChild.textContent,
+            };
+        }""",
+        text,
+    )
+
+    assert result == {
+        "same": True,
+        "selected": "Item number 2 of the list.",
+        "items": 12,
+        "start": None,
+        "last": "After the list.",
+    }
 
 
 def test_a_selection_made_while_a_reply_with_footnotes_streams_survives(module_page: Page) -> None:
@@ -526,8 +577,8 @@ def test_a_selection_made_while_a_reply_with_footnotes_streams_survives(module_p
         text,
     )
     first = module_page.locator("#render-host p", has_text="The first paragraph")
-    # Drawn as finished once a later block has begun on a complete line.
-    expect(module_page.locator("#render-host .markdown__done p", has_text="A claim")).to_be_visible()
+    # Final once a later block has begun on a complete line.
+    expect(module_page.locator("#render-host p", has_text="Filler paragraph 2 ")).to_be_visible()
     first.evaluate("(node) => { window.__first = node; }")
     first.click(click_count=3)
     assert module_page.evaluate("getSelection().toString().trim()") == "The first paragraph, to be selected."
@@ -546,7 +597,7 @@ def test_a_selection_made_while_a_reply_with_footnotes_streams_survives(module_p
         """(text) => {
             const copy = document.createElement('div');
             copy.append(window.zeus.markdown.renderMarkdown(text));
-            const drawn = document.querySelectorAll('#render-host .markdown__done > *, .markdown__live > *');
+            const drawn = document.querySelector('#render-host').children;
             const html = (nodes) => [...nodes].map((node) => node.outerHTML);
             return { drawn: html(drawn), whole: html(copy.children) };
         }""",

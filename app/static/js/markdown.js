@@ -198,8 +198,6 @@ export function copyButton(label, getText, className = "btn btn--small") {
   return button;
 }
 
-let taskCounter = 0;
-
 // Code blocks get a header with their language and a copy button; tables scroll on their own;
 // links open in a new tab without telling the target where they came from.
 function decorate(fragment) {
@@ -229,12 +227,16 @@ function decorate(fragment) {
     table.replaceWith(scroller);
     scroller.append(table);
   }
-  // The task list plugin numbers its checkboxes per reply; the page shows many replies, and each
-  // label must name its own checkbox.
+  // The task list plugin ties each label to its checkbox by an id numbered per parse: ids that
+  // repeat across the replies of a page and change at every redraw (so an unchanged item would
+  // not compare equal while streaming). A checkbox inside its label needs no id.
   for (const checkbox of fragment.querySelectorAll("input[id]")) {
     const label = fragment.querySelector(`label[for="${CSS.escape(checkbox.id)}"]`);
-    checkbox.id = `task-${(taskCounter += 1)}`;
-    if (label) label.htmlFor = checkbox.id;
+    checkbox.removeAttribute("id");
+    if (label) {
+      label.removeAttribute("for");
+      label.prepend(checkbox);
+    }
   }
   for (const anchor of fragment.querySelectorAll("a[href]")) {
     if (anchor.getAttribute("href").startsWith("#")) continue; // footnote jumps stay in the page
@@ -281,16 +283,16 @@ function offsetOfLine(text, line) {
 /**
  * Draws a reply into `body` while it grows. `update(text)` takes the whole text so far;
  * `finish(text)` the final one. A block is final once a later block has begun on a complete line
- * (CommonMark decides block structure line by line), so it is rendered once and never touched
- * again; the last block is drawn anew on each update, with a blinking cursor after it.
+ * (CommonMark decides block structure line by line): it is never touched again. The blocks after
+ * it are parsed anew on each update, with a blinking cursor after the last, and only the
+ * elements that came out different replace those on the page (down to the items of a list), so
+ * a selection in an unchanged part survives: removing a node, even to insert it again, collapses
+ * a selection inside it.
  */
 export function createReplyRenderer(body) {
-  const done = document.createElement("div");
-  done.className = "markdown__done";
-  const live = document.createElement("div");
-  live.className = "markdown__live";
-  body.replaceChildren(done, live);
-  let committed = 0; // characters of the text already drawn into `done`
+  body.replaceChildren();
+  let committed = 0; // characters of the text whose blocks are final
+  let finalBlocks = 0; // body's first element children, drawn from those characters
   const env = {};
 
   const commitFinishedBlocks = (text) => {
@@ -302,7 +304,10 @@ export function createReplyRenderer(body) {
     const starts = blockStarts(tokens);
     if (starts.length < 2) return;
     const last = starts[starts.length - 1];
-    done.append(toFragment(streamingParser, tokens.slice(0, last), env));
+    const fragment = toFragment(streamingParser, tokens.slice(0, last), env);
+    const count = fragment.children.length;
+    mergeBlocks(body, finalBlocks, fragment, false);
+    finalBlocks += count;
     committed += offsetOfLine(complete, tokens[last].map[0]);
   };
 
@@ -315,26 +320,46 @@ export function createReplyRenderer(body) {
       const lastBlock = fragment.lastElementChild;
       (lastBlock && /^(P|UL|OL|H[1-6])$/.test(lastBlock.nodeName) ? deepestLast(lastBlock) : fragment).append(cursor);
     }
-    live.replaceChildren(fragment);
+    mergeBlocks(body, finalBlocks, fragment, true);
   };
 
   return {
     update(text) {
+      // Without its cursor the block drawn last compares equal to itself drawn as final.
+      body.querySelector(".cursor")?.remove();
       commitFinishedBlocks(text);
       drawLive(text, true);
     },
     finish(text) {
+      body.querySelector(".cursor")?.remove();
       // Footnotes and link reference definitions reach back into earlier blocks: such a reply is
       // drawn once more as a whole, and only the blocks that came out different are swapped in.
-      // Any other reply keeps its blocks as drawn.
       if (/\[\^|^\s{0,3}\[[^\]]+\]:/m.test(text) || Object.keys(env.references ?? {}).length) {
-        replaceChangedBlocks([done, live], renderMarkdown(text));
+        replaceChangedBlocks([body], renderMarkdown(text));
         return;
       }
       commitFinishedBlocks(text);
       drawLive(text, false);
     },
   };
+}
+
+/**
+ * Makes `parent`'s element children from index `start` on equal to those of `fresh`, position by
+ * position: an equal element stays as it is, a list with the same tag and attributes is merged
+ * item by item, anything else is replaced. `trim` removes the elements after the last of `fresh`.
+ */
+function mergeBlocks(parent, start, fresh, trim) {
+  const blocks = [...fresh.children];
+  blocks.forEach((block, index) => {
+    const old = parent.children[start + index];
+    if (!old) parent.append(block);
+    else if (old.isEqualNode(block)) return;
+    else if (/^(UL|OL)$/.test(old.nodeName) && old.cloneNode(false).isEqualNode(block.cloneNode(false))) {
+      mergeBlocks(old, 0, block, true);
+    } else old.replaceWith(block);
+  });
+  if (trim) while (parent.children.length > start + blocks.length) parent.lastElementChild.remove();
 }
 
 /**
