@@ -545,6 +545,52 @@ def test_a_selection_in_a_list_that_is_still_streaming_survives(module_page: Pag
     }
 
 
+@pytest.mark.parametrize(
+    ("text", "selector"),
+    [
+        (" ".join(f"word{n}" for n in range(300)) + ".", "p"),
+        (
+            "```python\n" + "".join(f"value_{n} = compute({n})  # step {n}\n" for n in range(60)) + "```\n",
+            "code",
+        ),
+    ],
+    ids=["paragraph", "code block"],
+)
+def test_a_selection_in_the_block_still_being_written_survives(
+    module_page: Page, text: str, selector: str
+) -> None:
+    """The last block is parsed anew on each update, but its DOM only grows: the text selected at
+    its start stays selected while the rest arrives."""
+    result = module_page.evaluate(
+        """([text, selector]) => {
+            const host = document.createElement('div');
+            host.className = 'markdown';
+            document.body.replaceChildren(host);
+            const renderer = window.zeus.markdown.createReplyRenderer(host);
+            let block = null;
+            for (let end = 1; end <= text.length; end += 7) {
+                renderer.update(text.slice(0, end));
+                if (block === null && end > text.length / 3) {
+                    block = host.querySelector(selector);
+                    const walker = document.createTreeWalker(block, NodeFilter.SHOW_TEXT);
+                    const first = walker.nextNode();
+                    const range = document.createRange();
+                    range.setStart(first, 0);
+                    range.setEnd(first, 5);
+                    getSelection().removeAllRanges();
+                    getSelection().addRange(range);
+                }
+            }
+            renderer.finish(text);
+            return { same: host.querySelector(selector) === block, selected: getSelection().toString() };
+        }""",
+        [text, selector],
+    )
+
+    assert result["same"], "the block being written was drawn anew"
+    assert result["selected"] == text.removeprefix("```python\n")[:5]
+
+
 def test_a_selection_made_while_a_reply_with_footnotes_streams_survives(module_page: Page) -> None:
     """A person selects the first paragraph with the mouse while the reply is still arriving; the
     reply cites a footnote, so it is drawn again as a whole at its end: the paragraph (unchanged)

@@ -177,7 +177,7 @@ export async function copyText(text) {
   if (!copied) throw new Error("copy refused by the browser");
 }
 
-/** A button that copies `getText()` and says whether it worked. */
+/** A button that copies `getText(button)` and says whether it worked. */
 export function copyButton(label, getText, className = "btn btn--small") {
   const button = document.createElement("button");
   button.type = "button";
@@ -186,7 +186,7 @@ export function copyButton(label, getText, className = "btn btn--small") {
   button.setAttribute("aria-label", label);
   button.addEventListener("click", async () => {
     try {
-      await copyText(getText());
+      await copyText(getText(button));
       button.textContent = "Copied";
     } catch {
       button.textContent = "Copy failed";
@@ -214,8 +214,9 @@ function decorate(fragment) {
     const label = document.createElement("span");
     label.className = "code-block__language";
     label.textContent = language || "text";
-    // markdown-it ends every code block with a newline that is not part of the code.
-    const text = () => code.textContent.replace(/\n$/, "");
+    // markdown-it ends every code block with a newline that is not part of the code. Looked up
+    // from the button at click time: a streaming redraw may keep this button but swap the code.
+    const text = (button) => button.closest(".code-block").querySelector("code").textContent.replace(/\n$/, "");
     const button = copyButton(`Copy ${language || "text"} code`, text, "btn btn--small code-block__copy");
     header.append(label, button);
     pre.replaceWith(wrapper);
@@ -346,20 +347,39 @@ export function createReplyRenderer(body) {
 
 /**
  * Makes `parent`'s element children from index `start` on equal to those of `fresh`, position by
- * position: an equal element stays as it is, a list with the same tag and attributes is merged
- * item by item, anything else is replaced. `trim` removes the elements after the last of `fresh`.
+ * position (see `morph`). `trim` removes the elements after the last of `fresh`.
  */
 function mergeBlocks(parent, start, fresh, trim) {
   const blocks = [...fresh.children];
   blocks.forEach((block, index) => {
     const old = parent.children[start + index];
-    if (!old) parent.append(block);
-    else if (old.isEqualNode(block)) return;
-    else if (/^(UL|OL)$/.test(old.nodeName) && old.cloneNode(false).isEqualNode(block.cloneNode(false))) {
-      mergeBlocks(old, 0, block, true);
-    } else old.replaceWith(block);
+    if (old) morph(old, block);
+    else parent.append(block);
   });
   if (trim) while (parent.children.length > start + blocks.length) parent.lastElementChild.remove();
+}
+
+/**
+ * Makes the node `old` equal to `fresh` with the least change: an equal node stays, a text that
+ * grew gets the new end appended (ranges in it stay put), an element with the same tag and
+ * attributes keeps its node and has its children morphed in turn; anything else is replaced.
+ * Attributes are never set here (a style attribute set from script is refused by the CSP).
+ */
+function morph(old, fresh) {
+  if (old.isEqualNode(fresh)) return;
+  if (old.nodeType === Node.TEXT_NODE && fresh.nodeType === Node.TEXT_NODE && fresh.data.startsWith(old.data)) {
+    old.appendData(fresh.data.slice(old.data.length));
+  } else if (old.nodeType === Node.ELEMENT_NODE && old.cloneNode(false).isEqualNode(fresh.cloneNode(false))) {
+    const olds = [...old.childNodes];
+    const freshes = [...fresh.childNodes];
+    freshes.forEach((node, index) => {
+      if (olds[index]) morph(olds[index], node);
+      else old.append(node);
+    });
+    for (const extra of olds.slice(freshes.length)) extra.remove();
+  } else {
+    old.replaceWith(fresh);
+  }
 }
 
 /**
