@@ -138,6 +138,29 @@ def test_copy_button_copies_the_code(module_page: Page) -> None:
     assert module_page.evaluate("navigator.clipboard.readText()") == 'echo "<b>hi</b>" | wc -c'
 
 
+def test_copy_button_of_a_streamed_code_block_copies_the_final_code(module_page: Page) -> None:
+    """While a reply streams, its code block is redrawn in place (the language arrives letter by
+    letter, the code line by line); Copy gives the code as it ends up."""
+    module_page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    text = "```python\nfor i in range(3):\n    print(i)\n```\n"
+    module_page.evaluate(
+        """(text) => {
+            const host = document.createElement('div');
+            host.className = 'markdown';
+            document.body.replaceChildren(host);
+            const renderer = window.zeus.markdown.createReplyRenderer(host);
+            for (let end = 1; end <= text.length; end += 1) renderer.update(text.slice(0, end));
+            renderer.finish(text);
+        }""",
+        text,
+    )
+
+    module_page.get_by_role("button", name="Copy python code").click()
+
+    expect(module_page.get_by_role("button", name="Copy python code")).to_have_text("Copied")
+    assert module_page.evaluate("navigator.clipboard.readText()") == "for i in range(3):\n    print(i)"
+
+
 def test_sse_parser_handles_split_chunks_and_crlf(module_page: Page) -> None:
     events = module_page.evaluate(
         """async () => {
