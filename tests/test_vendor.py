@@ -57,3 +57,17 @@ def test_pages_load_nothing_from_other_hosts() -> None:
         assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", text), page
         assert not re.search(r"""(import|from)\s*\(?\s*["'](https?:)?//""", text), page
         assert not re.search(r"url\(\s*[\"']?(https?:)?//", text), page
+
+
+def test_the_page_registers_exactly_the_vendored_grammars() -> None:
+    """app/static/js/highlight.js imports one file per name of its LANGUAGES; a name without its
+    vendored file breaks the chat page's module graph, a vendored file without its name is dead
+    weight."""
+    source = (STATIC / "js" / "highlight.js").read_text()
+    listed = re.search(r"const LANGUAGES = \[(.*?)\];", source, re.S)
+    assert listed, "LANGUAGES not found in highlight.js"
+    names = set(re.findall(r'"([\w-]+)"', listed.group(1)))
+    vendored = {
+        path.name.removesuffix(".min.js") for path in (VENDOR / "highlight" / "languages").glob("*.min.js")
+    }
+    assert names == vendored, f"only in highlight.js: {names - vendored}, only vendored: {vendored - names}"

@@ -4,7 +4,7 @@
 refuses any tarball whose SHA-512 differs from the lockfile's `integrity`. This script then copies
 only the browser builds the page loads and writes app/static/vendor/SHA256SUMS (one line per
 file, `sha256sum` format, after a header naming each package and version). The test
-tests/web/test_vendor.py checks the committed files against that list, so a hand-edited
+tests/test_vendor.py checks the committed files against that list, so a hand-edited
 vendored file fails CI.
 
     python tools/vendor_static.py [--check]
@@ -27,17 +27,26 @@ VENDOR = ROOT / "app" / "static" / "vendor"
 SUMS = VENDOR / "SHA256SUMS"
 
 # The highlight.js grammars analysts use (each file registers one language and its aliases;
-# `ini` also answers `toml`, `xml` also `html`, `bash` also `sh`).
+# `ini` also answers `toml`, `xml` also `html`, `bash` also `sh`, `pgsql` also `postgresql`,
+# `excel` also `xlsx`).
 HIGHLIGHT_LANGUAGES = (
+    "awk",
     "bash",
     "c",
+    "cmake",
     "cpp",
     "csharp",
     "css",
+    "dart",
     "diff",
     "dockerfile",
+    "elixir",
+    "excel",
     "go",
     "graphql",
+    "groovy",
+    "haskell",
+    "http",
     "ini",
     "java",
     "javascript",
@@ -45,25 +54,33 @@ HIGHLIGHT_LANGUAGES = (
     "julia",
     "kotlin",
     "latex",
+    "less",
     "lua",
     "makefile",
     "markdown",
     "matlab",
     "nginx",
+    "objectivec",
     "perl",
+    "pgsql",
     "php",
     "plaintext",
     "powershell",
+    "protobuf",
     "python",
     "python-repl",
     "r",
     "ruby",
     "rust",
+    "sas",
     "scala",
+    "scss",
     "shell",
     "sql",
+    "stata",
     "swift",
     "typescript",
+    "vbnet",
     "xml",
     "yaml",
 )
@@ -76,6 +93,10 @@ FILES: list[tuple[str, str, str]] = [
     ("markdown-it", "LICENSE", "markdown-it/LICENSE"),
     ("markdown-it-footnote", "index.mjs", "markdown-it-footnote/markdown-it-footnote.esm.js"),
     ("markdown-it-footnote", "LICENSE", "markdown-it-footnote/LICENSE"),
+    # GitHub's task lists (`- [ ] item`): ES module without imports (it takes Token from the
+    # parser's state), so it loads as it is published.
+    ("@mdit/plugin-tasklist", "dist/index.js", "mdit-plugin-tasklist/tasklist.esm.js"),
+    ("@mdit/plugin-tasklist", "LICENSE", "mdit-plugin-tasklist/LICENSE"),
     ("markdown-it-texmath", "texmath.js", "markdown-it-texmath/texmath.js"),
     ("markdown-it-texmath", "license.txt", "markdown-it-texmath/license.txt"),
     ("dompurify", "dist/purify.es.mjs", "dompurify/purify.es.js"),

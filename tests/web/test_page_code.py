@@ -8,6 +8,8 @@ page's Content-Security-Policy (module_page asserts a clean page), which KaTeX's
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from playwright.sync_api import Page, expect
 
@@ -136,6 +138,29 @@ def test_copy_button_copies_the_code(module_page: Page) -> None:
     assert module_page.evaluate("navigator.clipboard.readText()") == 'echo "<b>hi</b>" | wc -c'
 
 
+def test_copy_button_of_a_streamed_code_block_copies_the_final_code(module_page: Page) -> None:
+    """While a reply streams, its code block is redrawn in place (the language arrives letter by
+    letter, the code line by line); Copy gives the code as it ends up."""
+    module_page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    text = "```python\nfor i in range(3):\n    print(i)\n```\n"
+    module_page.evaluate(
+        """(text) => {
+            const host = document.createElement('div');
+            host.className = 'markdown';
+            document.body.replaceChildren(host);
+            const renderer = window.zeus.markdown.createReplyRenderer(host);
+            for (let end = 1; end <= text.length; end += 1) renderer.update(text.slice(0, end));
+            renderer.finish(text);
+        }""",
+        text,
+    )
+
+    module_page.get_by_role("button", name="Copy python code").click()
+
+    expect(module_page.get_by_role("button", name="Copy python code")).to_have_text("Copied")
+    assert module_page.evaluate("navigator.clipboard.readText()") == "for i in range(3):\n    print(i)"
+
+
 def test_sse_parser_handles_split_chunks_and_crlf(module_page: Page) -> None:
     events = module_page.evaluate(
         """async () => {
@@ -233,6 +258,8 @@ RENDERER_PAYLOADS = {
     "footnote": '[^1]\n\n[^1]: <img src=x onerror="window.__xss=1"> [a](javascript:alert(1))',
     "link title": '[x](https://example.com "a\\" onmouseover=\\"window.__xss=1")',
     "code info string": '```"><img src=x onerror=window.__xss=1>\ncode\n```',
+    "task list": '- [ ] <input onfocus="window.__xss=1" autofocus>\n- [x] [a](javascript:alert(1))\n'
+    '- [ ]<button onclick="window.__xss=1">b</button>',
 }
 
 
@@ -240,8 +267,11 @@ RENDERER_PAYLOADS = {
 def test_payloads_aimed_at_the_renderers_stay_inert(module_page: Page, name: str) -> None:
     result = render(module_page, RENDERER_PAYLOADS[name])
 
-    forbidden = {"script", "iframe", "img", "image", "object", "embed", "style", "form", "input", "div"}
+    forbidden = {"script", "iframe", "img", "image", "object", "embed", "style", "form", "button", "div"}
     assert forbidden.isdisjoint(result["tags"]) or name == "code info string", result["tags"]
+    # The one form control a reply may hold: a task list's disabled checkbox.
+    inputs = module_page.locator("#render-host input")
+    assert inputs.count() == module_page.locator("#render-host input[type=checkbox][disabled]").count()
     assert not [attribute for attribute in result["attributes"] if attribute.startswith("on")]
     assert all(link.startswith(("https://", "http://", "mailto:", "#")) for link in result["links"]), result[
         "links"
@@ -272,6 +302,115 @@ def test_commonmark_details_that_the_old_renderer_got_wrong(module_page: Page) -
     expect(host.locator(".footnotes li")).to_contain_text("The footnote.")
 
 
+def test_task_lists_give_disabled_checkboxes(module_page: Page) -> None:
+    render(
+        module_page,
+        "- [ ] write the *tests*\n- [x] ship it\n- not a task\n  - [X] nested done\n\n1. [ ] numbered\n",
+    )
+    host = module_page.locator("#render-host")
+    boxes = host.locator("input[type=checkbox]")
+
+    expect(boxes).to_have_count(4)
+    for index in range(4):
+        expect(boxes.nth(index)).to_be_disabled()
+    assert [boxes.nth(index).is_checked() for index in range(4)] == [False, True, True, False]
+    # The brackets become the checkbox; the rest of the item stays Markdown, labelling it.
+    expect(host.locator("li").first).to_have_text("write the tests")
+    expect(host.locator("li").first.locator("em")).to_have_text("tests")
+    expect(host.get_by_label("ship it")).to_be_checked()
+    expect(host.locator("li", has_text="not a task").locator("> input")).to_have_count(0)
+    assert "[ ]" not in host.inner_text() and "[x]" not in host.inner_text()
+    # A reader cannot tick them: the reply is a record.
+    host.get_by_label("write the tests").click(force=True)
+    expect(boxes.first).not_to_be_checked()
+
+
+def test_task_list_checkboxes_sit_in_their_labels_without_ids(module_page: Page) -> None:
+    """The same list twice on a page (two replies) repeats no id, and draws the same DOM each
+    time (so an unchanged item compares equal while a reply streams)."""
+    result = module_page.evaluate(
+        """() => {
+            const host = document.createElement('div');
+            document.body.replaceChildren(host);
+            host.append(window.zeus.markdown.renderMarkdown('- [ ] a\\n- [x] b'));
+            host.append(window.zeus.markdown.renderMarkdown('- [ ] a\\n- [x] b'));
+            const [first, second] = host.querySelectorAll('ul');
+            return {
+                ids: host.querySelectorAll('[id], [for]').length,
+                labelled: [...host.querySelectorAll('input')].map((box) => box.labels[0]?.textContent.trim()),
+                same: first.isEqualNode(second),
+            };
+        }"""
+    )
+
+    assert result == {"ids": 0, "labelled": ["a", "b", "a", "b"], "same": True}
+
+
+def test_footnotes_get_a_section_with_back_links(module_page: Page) -> None:
+    render(module_page, "Claim[^src] and again[^src], another[^2].\n\n[^src]: A source.\n[^2]: Second.\n")
+    host = module_page.locator("#render-host")
+
+    expect(host.locator("section.footnotes li")).to_have_count(2)
+    expect(host.locator("sup.footnote-ref a")).to_have_count(3)
+    # Every citation jumps to its note and every note links back to each citation, by ids that
+    # exist in the page (DOMPurify keeps them).
+    links = module_page.evaluate(
+        """() => [...document.querySelectorAll('#render-host a[href^="#"]')].map((a) => ({
+            href: a.getAttribute('href'),
+            back: a.classList.contains('footnote-backref'),
+            target: document.getElementById(decodeURIComponent(a.hash.slice(1)))?.tagName ?? null,
+        }))"""
+    )
+    assert [link["back"] for link in links].count(True) == 3, links
+    assert all(link["target"] for link in links), links
+    assert {link["target"] for link in links if link["back"]} == {"A"}
+    assert {link["target"] for link in links if not link["back"]} == {"LI"}
+    expect(host.locator("section.footnotes li").first).to_contain_text("A source.")
+    # Links inside the reply stay in the page; only outside links open a new tab.
+    assert host.locator("a[href^='#'][target]").count() == 0
+
+
+def test_entities_autolinks_and_nested_emphasis(module_page: Page) -> None:
+    render(
+        module_page,
+        "&lt;tag&gt; &quot;q&quot; &#8212; &nbsp;x &notanentity;\n\n"
+        "<https://example.org/a_b> <mailto:team@example.org> https://example.com/x_(y), ok\n"
+        "(see www.example.com/wiki/A_(b).) Edit setup.py and README.md.\n\n"
+        "***bold italic*** **bold *inner* bold** ~~gone~~\n",
+    )
+    host = module_page.locator("#render-host")
+
+    expect(host.locator("p").first).to_have_text('<tag> "q" \u2014 \u00a0x &notanentity;')
+    links = host.locator("a")
+    assert [links.nth(i).get_attribute("href") for i in range(links.count())] == [
+        "https://example.org/a_b",
+        "mailto:team@example.org",
+        "https://example.com/x_(y)",
+        "http://www.example.com/wiki/A_(b)",
+    ]
+    expect(host.locator("em > strong, strong > em").first).to_have_text("bold italic")
+    expect(host.locator("strong > em")).to_have_text("inner")
+    expect(host.locator("s")).to_have_text("gone")
+
+
+def test_br_tags_break_lines_and_other_html_stays_text(module_page: Page) -> None:
+    render(
+        module_page,
+        "| step | notes |\n|---|---|\n| 1 | first<br>second<BR/>third |\n\n"
+        "escaped \\<br> and `<br>` and <b>bold</b> and <br onclick=alert(1)>\n\n3. three\n4. four\n",
+    )
+    host = module_page.locator("#render-host")
+
+    expect(host.locator("td br")).to_have_count(2)
+    expect(host.locator("td").nth(1)).to_have_text("first\nsecond\nthird")
+    # Only the bare tag: an escaped one, one in code and one with attributes stay as written.
+    expect(host.locator("p").first).to_have_text(
+        "escaped <br> and <br> and <b>bold</b> and <br onclick=alert(1)>"
+    )
+    expect(host.locator("p br, b")).to_have_count(0)
+    expect(host.locator("ol")).to_have_attribute("start", "3")
+
+
 def test_math_is_typeset_by_katex(module_page: Page) -> None:
     render(module_page, "Inline $e^{i\\pi} + 1 = 0$ and display:\n\n$$\\int_0^1 x^2\\,dx = \\frac{1}{3}$$\n")
     host = module_page.locator("#render-host")
@@ -283,30 +422,62 @@ def test_math_is_typeset_by_katex(module_page: Page) -> None:
     assert module_page.evaluate("[...document.querySelectorAll('#render-host .katex [style]')].length") > 0
 
 
+def test_math_in_the_delimiters_models_use_and_dollars_that_are_money(module_page: Page) -> None:
+    render(
+        module_page,
+        "Inline \\(a^2 + b^2 = c^2\\) and display:\n\n\\[\n\\sum_{i=1}^n i\n\\]\n\n"
+        "It costs $5 and $10 per month.\n\nLet $x$ be.\n\n$$\nE = mc^2\n$$\n",
+    )
+    host = module_page.locator("#render-host")
+
+    expect(host.locator(".katex")).to_have_count(4)
+    expect(host.locator(".katex-display")).to_have_count(2)
+    expect(host.locator("p", has_text="It costs")).to_have_text("It costs $5 and $10 per month.")
+    assert "\\(" not in host.inner_text() and "\\[" not in host.inner_text()
+
+
 @pytest.mark.parametrize(
-    ("language", "code", "token"),
+    ("language", "code", "token", "text"),
     [
-        ("rust", "fn longest<'a>(x: &'a str) -> &'a str { x }", ".hljs-symbol"),
-        ("typescript", "interface User { id: number }\nconst u: User = { id: 1 };", ".hljs-keyword"),
-        ("dockerfile", "FROM debian:12\nRUN apt-get update", ".hljs-keyword"),
-        ("diff", "--- a\n+++ b\n-old\n+new", ".hljs-addition"),
-        ("toml", "[server]\nport = 8080 # web", ".hljs-section"),
-        ("sql", "SELECT id FROM users WHERE id = 1;", ".hljs-keyword"),
-        ("yaml", "key: value\nlist:\n  - 1", ".hljs-attr"),
-        ("go", 'func main() { fmt.Println("hi") }', ".hljs-keyword"),
+        # A lifetime is one symbol, not the start of a character literal that runs on.
+        ("rust", "fn longest<'a>(x: &'a str) -> &'a str { x }", ".hljs-symbol", "'a"),
+        (
+            "typescript",
+            "interface User { id: number }\nconst u: User = { id: 1 };",
+            ".hljs-keyword",
+            "interface",
+        ),
+        ("ts", "type Id = string | number;", ".hljs-keyword", "type"),
+        ("dockerfile", "FROM debian:12\nRUN apt-get update", ".hljs-keyword", "FROM"),
+        ("diff", "--- a\n+++ b\n-old\n+new", ".hljs-addition", "+new"),
+        ("toml", '[server]\nport = 8080 # web\nname = "zeus"', ".hljs-section", "[server]"),
+        ("sql", "SELECT id FROM users WHERE id = 1;", ".hljs-keyword", "SELECT"),
+        ("postgresql", "SELECT now()::date;", ".hljs-keyword", "SELECT"),
+        ("yaml", "key: value\nlist:\n  - 1", ".hljs-attr", "key:"),
+        ("go", 'func main() { fmt.Println("hi") }', ".hljs-keyword", "func"),
+        ("python", "def f(x):\n    return x  # same", ".hljs-keyword", "def"),
+        ("r", "df <- read.csv('a.csv')\nsummary(df)", ".hljs-string", "'a.csv'"),
+        ("jsx", "const a = <div className='x'>hi</div>;", ".hljs-keyword", "const"),
+        ("sh", 'for f in *.txt; do echo "$f"; done', ".hljs-keyword", "for"),
+        ("console", "$ ls -la\ntotal 0", ".hljs-meta", "$"),
+        ("json", '{"a": [1, true, null]}', ".hljs-attr", '"a"'),
+        ("html", "<p class='x'>hi</p>", ".hljs-tag", "<p class='x'>"),
+        ("excel", "=SUM(A1:A10)", ".hljs-built_in", "SUM"),
+        ("stata", "regress y x1 x2, robust", ".hljs-keyword", "regress"),
+        ("http", "GET /api/health HTTP/1.1\nHost: example.com", ".hljs-attribute", "Host"),
     ],
 )
 def test_languages_analysts_use_are_highlighted(
-    module_page: Page, language: str, code: str, token: str
+    module_page: Page, language: str, code: str, token: str, text: str
 ) -> None:
     render(module_page, f"```{language}\n{code}\n```")
 
-    assert module_page.locator(f"#render-host {token}").count() > 0
+    expect(module_page.locator(f"#render-host {token}").first).to_have_text(text)
     expect(module_page.locator("#render-host pre code")).to_have_text(code + "\n")
 
 
 def test_streaming_keeps_finished_blocks_and_the_selection(module_page: Page) -> None:
-    text = "First paragraph here.\n\n```js\nconst a = 1;\n```\n\n- one\n- two\n\nLast words $x^2$."
+    text = "First paragraph here.\n\n```js\nconst a = 1;\n```\n\n- [ ] one\n- [x] two\n\nLast words $x^2$."
     result = module_page.evaluate(
         """async (text) => {
             const host = document.createElement('div');
@@ -314,10 +485,12 @@ def test_streaming_keeps_finished_blocks_and_the_selection(module_page: Page) ->
             document.body.replaceChildren(host);
             const renderer = window.zeus.markdown.createReplyRenderer(host);
             let firstParagraph = null;
+            let codeBlock = null;
             let selected = '';
             for (let end = 1; end <= text.length; end += 3) {
                 renderer.update(text.slice(0, end));
                 const paragraph = host.querySelector('p');
+                if (!codeBlock && end > text.indexOf('- [x]')) codeBlock = host.querySelector('.code-block');
                 if (firstParagraph === null && end > 30) {
                     firstParagraph = paragraph;
                     const range = document.createRange();
@@ -330,13 +503,15 @@ def test_streaming_keeps_finished_blocks_and_the_selection(module_page: Page) ->
             selected = getSelection().toString();
             const full = document.createElement('div');
             full.append(window.zeus.markdown.renderMarkdown(text));
+            const html = (node) => node.innerHTML.replace(/>\\s+</g, '><').trim();
             return {
                 same: host.querySelector('p') === firstParagraph,
+                sameCode: host.querySelector('.code-block') === codeBlock,
                 selected,
-                text: host.textContent,
-                fullText: full.textContent,
+                html: html(host),
+                fullHtml: html(full),
                 cursor: host.querySelectorAll('.cursor').length,
-                done: host.querySelector('.markdown__done').children.length,
+                boxes: [...host.querySelectorAll('input')].map((b) => [b.type, b.disabled, b.checked]),
             };
         }""",
         text,
@@ -344,10 +519,163 @@ def test_streaming_keeps_finished_blocks_and_the_selection(module_page: Page) ->
 
     assert result["same"], "the finished first paragraph was drawn again"
     assert result["selected"] == "First paragraph here."
-    assert result["text"] == result["fullText"]
+    # The code block was final once the list began on a complete line, and stayed as drawn.
+    assert result["sameCode"], "the finished code block was drawn again"
+    assert result["html"] == result["fullHtml"]
     assert result["cursor"] == 0
-    # The paragraph and the code block were drawn once; the list waits for a complete next line.
-    assert result["done"] == 2
+    assert result["boxes"] == [["checkbox", True, False], ["checkbox", True, True]]
+
+
+def test_a_selection_in_a_list_that_is_still_streaming_survives(module_page: Page) -> None:
+    """A list is one block until it ends; its finished items keep their nodes while later items
+    arrive, and when the list itself becomes final."""
+    text = "".join(f"{n}. Item number {n} of the list.\n" for n in range(1, 13)) + "\nAfter the list.\n"
+    result = module_page.evaluate(
+        """(text) => {
+            const host = document.createElement('div');
+            host.className = 'markdown';
+            document.body.replaceChildren(host);
+            const renderer = window.zeus.markdown.createReplyRenderer(host);
+            let second = null;
+            for (let end = 1; end <= text.length; end += 4) {
+                renderer.update(text.slice(0, end));
+                if (second === null && end > text.indexOf('5. Item')) {
+                    second = host.querySelectorAll('li')[1];
+                    const range = document.createRange();
+                    range.selectNodeContents(second);
+                    getSelection().removeAllRanges();
+                    getSelection().addRange(range);
+                }
+            }
+            renderer.finish(text);
+            return {
+                same: host.querySelectorAll('li')[1] === second,
+                selected: getSelection().toString(),
+                items: host.querySelectorAll('ol > li').length,
+                start: host.querySelector('ol').getAttribute('start'),
+                last: host.lastElementChild.textContent,
+            };
+        }""",
+        text,
+    )
+
+    assert result == {
+        "same": True,
+        "selected": "Item number 2 of the list.",
+        "items": 12,
+        "start": None,
+        "last": "After the list.",
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "selector"),
+    [
+        (" ".join(f"word{n}" for n in range(300)) + ".", "p"),
+        (
+            "```python\n" + "".join(f"value_{n} = compute({n})  # step {n}\n" for n in range(60)) + "```\n",
+            "code",
+        ),
+    ],
+    ids=["paragraph", "code block"],
+)
+def test_a_selection_in_the_block_still_being_written_survives(
+    module_page: Page, text: str, selector: str
+) -> None:
+    """The last block is parsed anew on each update, but its DOM only grows: the text selected at
+    its start stays selected while the rest arrives."""
+    result = module_page.evaluate(
+        """([text, selector]) => {
+            const host = document.createElement('div');
+            host.className = 'markdown';
+            document.body.replaceChildren(host);
+            const renderer = window.zeus.markdown.createReplyRenderer(host);
+            let block = null;
+            for (let end = 1; end <= text.length; end += 7) {
+                renderer.update(text.slice(0, end));
+                if (block === null && end > text.length / 3) {
+                    block = host.querySelector(selector);
+                    const walker = document.createTreeWalker(block, NodeFilter.SHOW_TEXT);
+                    const first = walker.nextNode();
+                    const range = document.createRange();
+                    range.setStart(first, 0);
+                    range.setEnd(first, 5);
+                    getSelection().removeAllRanges();
+                    getSelection().addRange(range);
+                }
+            }
+            renderer.finish(text);
+            return { same: host.querySelector(selector) === block, selected: getSelection().toString() };
+        }""",
+        [text, selector],
+    )
+
+    assert result["same"], "the block being written was drawn anew"
+    assert result["selected"] == text.removeprefix("```python\n")[:5]
+
+
+def test_a_selection_made_while_a_reply_with_footnotes_streams_survives(module_page: Page) -> None:
+    """A person selects the first paragraph with the mouse while the reply is still arriving; the
+    reply cites a footnote, so it is drawn again as a whole at its end: the paragraph (unchanged)
+    keeps its node and the selection, the cited paragraph gains its link."""
+    text = (
+        "The first paragraph, to be selected.\n\nA claim[^1] in the second.\n\n"
+        + "".join(f"Filler paragraph {n} with `code` and **bold**.\n\n" for n in range(40))
+        + "[^1]: The source.\n"
+    )
+    module_page.evaluate(
+        """(text) => {
+            const host = document.createElement('div');
+            host.className = 'markdown';
+            host.id = 'render-host';
+            document.body.replaceChildren(host);
+            const renderer = window.zeus.markdown.createReplyRenderer(host);
+            let end = 0;
+            window.__streamDone = false;
+            const timer = setInterval(() => {
+                end = Math.min(text.length, end + 8);
+                if (end < text.length) {
+                    renderer.update(text.slice(0, end));
+                } else {
+                    clearInterval(timer);
+                    renderer.finish(text);
+                    window.__streamDone = true;
+                }
+            }, 15);
+        }""",
+        text,
+    )
+    first = module_page.locator("#render-host p", has_text="The first paragraph")
+    # Final once a later block has begun on a complete line.
+    expect(module_page.locator("#render-host p", has_text="Filler paragraph 2 ")).to_be_visible()
+    first.evaluate("(node) => { window.__first = node; }")
+    first.click(click_count=3)
+    assert module_page.evaluate("getSelection().toString().trim()") == "The first paragraph, to be selected."
+    assert module_page.evaluate("window.__streamDone") is False, "the stream ended before the selection"
+
+    module_page.wait_for_function("() => window.__streamDone")
+
+    assert module_page.evaluate("getSelection().toString().trim()") == "The first paragraph, to be selected."
+    assert module_page.evaluate("document.querySelector('#render-host p') === window.__first")
+    host = module_page.locator("#render-host")
+    expect(host.locator("p", has_text="A claim").locator("sup.footnote-ref a")).to_have_count(1)
+    expect(host.locator("section.footnotes li")).to_contain_text("The source.")
+    expect(host.locator("p", has_text="Filler paragraph")).to_have_count(40)
+    # Block for block what the whole reply gives when drawn at once.
+    blocks = module_page.evaluate(
+        """(text) => {
+            const copy = document.createElement('div');
+            copy.append(window.zeus.markdown.renderMarkdown(text));
+            const drawn = document.querySelector('#render-host').children;
+            const html = (nodes) => [...nodes].map((node) => node.outerHTML);
+            return { drawn: html(drawn), whole: html(copy.children) };
+        }""",
+        text,
+    )
+    # Only the footnote ids differ (each drawing of a whole reply numbers its own).
+    assert [re.sub(r"-r\d+-", "-", block) for block in blocks["drawn"]] == [
+        re.sub(r"-r\d+-", "-", block) for block in blocks["whole"]
+    ]
 
 
 def test_streaming_work_does_not_grow_with_the_reply(module_page: Page) -> None:

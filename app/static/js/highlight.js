@@ -6,10 +6,12 @@ import hljs from "../vendor/highlight/core.min.js";
 
 // Keep in step with HIGHLIGHT_LANGUAGES in tools/vendor_static.py.
 const LANGUAGES = [
-  "bash", "c", "cpp", "csharp", "css", "diff", "dockerfile", "go", "graphql", "ini", "java",
-  "javascript", "json", "julia", "kotlin", "latex", "lua", "makefile", "markdown", "matlab", "nginx",
-  "perl", "php", "plaintext", "powershell", "python", "python-repl", "r", "ruby", "rust", "scala",
-  "shell", "sql", "swift", "typescript", "xml", "yaml",
+  "awk", "bash", "c", "cmake", "cpp", "csharp", "css", "dart", "diff", "dockerfile", "elixir",
+  "excel", "go", "graphql", "groovy", "haskell", "http", "ini", "java", "javascript", "json",
+  "julia", "kotlin", "latex", "less", "lua", "makefile", "markdown", "matlab", "nginx",
+  "objectivec", "perl", "pgsql", "php", "plaintext", "powershell", "protobuf", "python",
+  "python-repl", "r", "ruby", "rust", "sas", "scala", "scss", "shell", "sql", "stata", "swift",
+  "typescript", "vbnet", "xml", "yaml",
 ];
 
 await Promise.all(

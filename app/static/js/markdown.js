@@ -1,10 +1,12 @@
 // Markdown, code and math for chat replies, by maintained libraries (vendored from npm, see
-// tools/vendor_static.py): markdown-it parses (CommonMark + tables, strikethrough, autolinks and
-// footnotes), highlight.js colours code, KaTeX typesets $...$ and $$...$$ through
+// tools/vendor_static.py): markdown-it parses (CommonMark + tables, strikethrough, autolinks,
+// footnotes and task lists), highlight.js colours code, KaTeX typesets $...$ and $$...$$ through
 // markdown-it-texmath. Whatever HTML they produce goes through DOMPurify before it reaches the
 // page, so a reply can never run script:
-// - raw HTML in the source is shown as text (markdown-it's html option is off);
+// - raw HTML in the source is shown as text (markdown-it's html option is off); a bare `<br>`
+//   becomes a line break;
 // - links keep only http(s) and mailto targets; images are never loaded (shown as links);
+// - the only form control is a task list's checkbox, always disabled;
 // - KaTeX runs untrusted (\href, \url, \htmlClass... render as red source text).
 // While a reply streams, finished blocks are rendered once and kept; only the block still being
 // written is parsed again, so the work per update does not grow with the reply and a selection
@@ -14,6 +16,7 @@ import DOMPurify from "../vendor/dompurify/purify.es.js";
 import katex from "../vendor/katex/katex.esm.js";
 import markdownit from "../vendor/markdown-it/markdown-it.esm.min.js";
 import footnote from "../vendor/markdown-it-footnote/markdown-it-footnote.esm.js";
+import { tasklist } from "../vendor/mdit-plugin-tasklist/tasklist.esm.js";
 import { highlightCode } from "./highlight.js";
 
 const texmath = await loadClassicScript("../vendor/markdown-it-texmath/texmath.js", "texmath");
@@ -45,6 +48,43 @@ function escapeHtml(text) {
   return text.replace(/[&<>"']/g, (char) => `&#${char.charCodeAt(0)};`);
 }
 
+// GFM's "extended www autolink": `www.example.com/page` is a link without its scheme. linkify-it
+// (markdown-it's linkifier) recognises scheme-less links only in its fuzzy mode, which also links
+// bare names such as `setup.py` or `README.md` (.py and .md are country domains); so only the
+// `www.` prefix is taught to it, with GFM's rule for where the link ends: trailing punctuation
+// and a `)` without its `(` are not part of it.
+const WWW_TAIL = /^[\w-]+(?:\.[\w-]+)*(?:[/?#:][^\s<]*)?/;
+const count = (text, char) => text.split(char).length - 1;
+
+function wwwLinkLength(text, pos) {
+  let link = WWW_TAIL.exec(text.slice(pos))?.[0] ?? "";
+  for (;;) {
+    const trimmed = link.replace(/[?!.,:*_~'"]+$/, "");
+    if (trimmed.endsWith(")") && count(trimmed, "(") < count(trimmed, ")")) link = trimmed.slice(0, -1);
+    else if (/&\w+;$/.test(trimmed)) link = trimmed.replace(/&\w+;$/, "");
+    else return trimmed.length;
+  }
+}
+
+// Models write `<br>` for a line break where Markdown has none, above all inside table cells.
+// Raw HTML stays text (html: false), except this one tag: it becomes markdown-it's own hard
+// break. Runs before text_join, so an escaped `\<br>` (a separate token) stays text.
+const BR_TAG = /<br\s*\/?>/i;
+
+function brTags(state) {
+  for (const block of state.tokens) {
+    if (block.type !== "inline" || !BR_TAG.test(block.content)) continue;
+    block.children = block.children.flatMap((token) => {
+      if (token.type !== "text" || !BR_TAG.test(token.content)) return [token];
+      return token.content.split(new RegExp(BR_TAG, "gi")).flatMap((text, index) => {
+        const part = new state.Token("text", "", 0);
+        part.content = text;
+        return index === 0 ? [part] : [new state.Token("hardbreak", "br", 0), part];
+      });
+    });
+  }
+}
+
 function newParser({ footnotes }) {
   const md = markdownit({
     html: false,
@@ -55,8 +95,17 @@ function newParser({ footnotes }) {
   // markdown-it already refuses javascript:, vbscript: and file:, but allows data: images and
   // relative links; a reply may link only to the web or to a mail address.
   md.validateLink = (url) => SAFE_LINK.test(url.trim());
+  md.linkify.add("www.", {
+    validate: wwwLinkLength,
+    normalize: (match) => {
+      match.url = `http://${match.url}`;
+    },
+  });
   md.use(texmath, { engine: katex, delimiters: ["dollars", "brackets"], katexOptions: KATEX_OPTIONS });
+  md.core.ruler.after("inline", "br_tags", brTags);
   if (footnotes) md.use(footnote);
+  // `- [ ] item` / `- [x] item`: a disabled checkbox, the item's text as its label.
+  md.use(tasklist, { disabled: true, label: true });
   // An image in a reply would be fetched by every reader: show it as a link to its address.
   md.renderer.rules.image = (tokens, index) => {
     const token = tokens[index];
@@ -81,10 +130,17 @@ function moveStyles(html) {
 }
 
 // SVG and MathML come only from KaTeX; anywhere else they are dropped, whatever produced them.
+// The only input kept is a checkbox (task lists; raw HTML never gets this far, see `html: false`).
 DOMPurify.addHook("uponSanitizeElement", (node, data) => {
   if ((data.tagName === "svg" || data.tagName === "math") && !node.parentElement?.closest(".katex")) {
     node.remove();
+  } else if (data.tagName === "input" && node.getAttribute("type") !== "checkbox") {
+    node.remove();
   }
+});
+// ...and it can never be ticked by the reader: a reply is a record, not a form.
+DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+  if (node.nodeName === "INPUT") node.setAttribute("disabled", "");
 });
 
 const PURIFY_OPTIONS = {
@@ -92,8 +148,8 @@ const PURIFY_OPTIONS = {
   // DOMPurify's default minus the schemes a reply has no use for (tel:, cid:, xmpp:...). It is
   // applied to every attribute value, so values without a scheme (KaTeX's viewBox) must pass.
   ALLOWED_URI_REGEXP: /^(?:(?:https?|mailto):|[^a-z]|[a-z+.-]+(?:[^a-z+.\-:]|$))/i,
-  FORBID_TAGS: ["style", "img", "image", "form", "input", "button", "textarea", "select", "iframe"],
-  FORBID_ATTR: ["src", "srcset", "xlink:href", "action", "formaction"],
+  FORBID_TAGS: ["style", "img", "image", "form", "button", "textarea", "select", "iframe"],
+  FORBID_ATTR: ["src", "srcset", "xlink:href", "action", "formaction", "form", "name", "value"],
   ADD_ATTR: ["data-zeus-style"],
 };
 
@@ -121,7 +177,7 @@ export async function copyText(text) {
   if (!copied) throw new Error("copy refused by the browser");
 }
 
-/** A button that copies `getText()` and says whether it worked. */
+/** A button that copies `getText(button)` and says whether it worked. */
 export function copyButton(label, getText, className = "btn btn--small") {
   const button = document.createElement("button");
   button.type = "button";
@@ -130,7 +186,7 @@ export function copyButton(label, getText, className = "btn btn--small") {
   button.setAttribute("aria-label", label);
   button.addEventListener("click", async () => {
     try {
-      await copyText(getText());
+      await copyText(getText(button));
       button.textContent = "Copied";
     } catch {
       button.textContent = "Copy failed";
@@ -158,8 +214,9 @@ function decorate(fragment) {
     const label = document.createElement("span");
     label.className = "code-block__language";
     label.textContent = language || "text";
-    // markdown-it ends every code block with a newline that is not part of the code.
-    const text = () => code.textContent.replace(/\n$/, "");
+    // markdown-it ends every code block with a newline that is not part of the code. Looked up
+    // from the button at click time: a streaming redraw may keep this button but swap the code.
+    const text = (button) => button.closest(".code-block").querySelector("code").textContent.replace(/\n$/, "");
     const button = copyButton(`Copy ${language || "text"} code`, text, "btn btn--small code-block__copy");
     header.append(label, button);
     pre.replaceWith(wrapper);
@@ -170,6 +227,17 @@ function decorate(fragment) {
     scroller.className = "table-scroll";
     table.replaceWith(scroller);
     scroller.append(table);
+  }
+  // The task list plugin ties each label to its checkbox by an id numbered per parse: ids that
+  // repeat across the replies of a page and change at every redraw (so an unchanged item would
+  // not compare equal while streaming). A checkbox inside its label needs no id.
+  for (const checkbox of fragment.querySelectorAll("input[id]")) {
+    const label = fragment.querySelector(`label[for="${CSS.escape(checkbox.id)}"]`);
+    checkbox.removeAttribute("id");
+    if (label) {
+      label.removeAttribute("for");
+      label.prepend(checkbox);
+    }
   }
   for (const anchor of fragment.querySelectorAll("a[href]")) {
     if (anchor.getAttribute("href").startsWith("#")) continue; // footnote jumps stay in the page
@@ -216,16 +284,16 @@ function offsetOfLine(text, line) {
 /**
  * Draws a reply into `body` while it grows. `update(text)` takes the whole text so far;
  * `finish(text)` the final one. A block is final once a later block has begun on a complete line
- * (CommonMark decides block structure line by line), so it is rendered once and never touched
- * again; the last block is drawn anew on each update, with a blinking cursor after it.
+ * (CommonMark decides block structure line by line): it is never touched again. The blocks after
+ * it are parsed anew on each update, with a blinking cursor after the last, and only the
+ * elements that came out different replace those on the page (down to the items of a list), so
+ * a selection in an unchanged part survives: removing a node, even to insert it again, collapses
+ * a selection inside it.
  */
 export function createReplyRenderer(body) {
-  const done = document.createElement("div");
-  done.className = "markdown__done";
-  const live = document.createElement("div");
-  live.className = "markdown__live";
-  body.replaceChildren(done, live);
-  let committed = 0; // characters of the text already drawn into `done`
+  body.replaceChildren();
+  let committed = 0; // characters of the text whose blocks are final
+  let finalBlocks = 0; // body's first element children, drawn from those characters
   const env = {};
 
   const commitFinishedBlocks = (text) => {
@@ -237,7 +305,10 @@ export function createReplyRenderer(body) {
     const starts = blockStarts(tokens);
     if (starts.length < 2) return;
     const last = starts[starts.length - 1];
-    done.append(toFragment(streamingParser, tokens.slice(0, last), env));
+    const fragment = toFragment(streamingParser, tokens.slice(0, last), env);
+    const count = fragment.children.length;
+    mergeBlocks(body, finalBlocks, fragment, false);
+    finalBlocks += count;
     committed += offsetOfLine(complete, tokens[last].map[0]);
   };
 
@@ -250,25 +321,98 @@ export function createReplyRenderer(body) {
       const lastBlock = fragment.lastElementChild;
       (lastBlock && /^(P|UL|OL|H[1-6])$/.test(lastBlock.nodeName) ? deepestLast(lastBlock) : fragment).append(cursor);
     }
-    live.replaceChildren(fragment);
+    mergeBlocks(body, finalBlocks, fragment, true);
   };
 
   return {
     update(text) {
+      // Without its cursor the block drawn last compares equal to itself drawn as final.
+      body.querySelector(".cursor")?.remove();
       commitFinishedBlocks(text);
       drawLive(text, true);
     },
     finish(text) {
+      body.querySelector(".cursor")?.remove();
       // Footnotes and link reference definitions reach back into earlier blocks: such a reply is
-      // drawn once more as a whole. Any other keeps its blocks (and the reader's selection).
+      // drawn once more as a whole, and only the blocks that came out different are swapped in.
       if (/\[\^|^\s{0,3}\[[^\]]+\]:/m.test(text) || Object.keys(env.references ?? {}).length) {
-        body.replaceChildren(renderMarkdown(text));
+        replaceChangedBlocks([body], renderMarkdown(text));
         return;
       }
       commitFinishedBlocks(text);
       drawLive(text, false);
     },
   };
+}
+
+/**
+ * Makes `parent`'s element children from index `start` on equal to those of `fresh`, position by
+ * position (see `morph`). `trim` removes the elements after the last of `fresh`.
+ */
+function mergeBlocks(parent, start, fresh, trim) {
+  const blocks = [...fresh.children];
+  blocks.forEach((block, index) => {
+    const old = parent.children[start + index];
+    if (old) morph(old, block);
+    else parent.append(block);
+  });
+  if (trim) while (parent.children.length > start + blocks.length) parent.lastElementChild.remove();
+}
+
+/**
+ * Makes the node `old` equal to `fresh` with the least change: an equal node stays, a text that
+ * grew gets the new end appended (ranges in it stay put), an element with the same tag and
+ * attributes keeps its node and has its children morphed in turn; anything else is replaced.
+ * Attributes are never set here (a style attribute set from script is refused by the CSP).
+ */
+function morph(old, fresh) {
+  if (old.isEqualNode(fresh)) return;
+  if (old.nodeType === Node.TEXT_NODE && fresh.nodeType === Node.TEXT_NODE && fresh.data.startsWith(old.data)) {
+    old.appendData(fresh.data.slice(old.data.length));
+  } else if (old.nodeType === Node.ELEMENT_NODE && old.cloneNode(false).isEqualNode(fresh.cloneNode(false))) {
+    const olds = [...old.childNodes];
+    const freshes = [...fresh.childNodes];
+    freshes.forEach((node, index) => {
+      if (olds[index]) morph(olds[index], node);
+      else old.append(node);
+    });
+    for (const extra of olds.slice(freshes.length)) extra.remove();
+  } else {
+    old.replaceWith(fresh);
+  }
+}
+
+/**
+ * Makes the blocks (element children) of `containers`, taken in order, equal to those of
+ * `fresh`, touching only the blocks that differ: an unchanged block keeps its very nodes, so a
+ * selection inside it survives (removing a node, even to insert it again, collapses a selection
+ * in it). New blocks go before the next kept one, or at the end of the last container.
+ */
+function replaceChangedBlocks(containers, fresh) {
+  const old = containers.flatMap((container) => [...container.children]);
+  const kept = new Set();
+  const wanted = [];
+  let next = 0;
+  for (const block of [...fresh.children]) {
+    let match = next;
+    while (match < old.length && !old[match].isEqualNode(block)) match += 1;
+    if (match < old.length) {
+      kept.add(old[match]);
+      wanted.push(old[match]);
+      next = match + 1;
+    } else {
+      wanted.push(block);
+    }
+  }
+  for (const block of old) if (!kept.has(block)) block.remove();
+  let anchor = null;
+  for (const block of wanted.reverse()) {
+    if (!kept.has(block)) {
+      if (anchor) anchor.before(block);
+      else containers[containers.length - 1].append(block);
+    }
+    anchor = block;
+  }
 }
 
 function deepestLast(element) {
