@@ -11,7 +11,7 @@ asyncio loop of the API keeps serving). Each iteration it:
    short prompts waiting together share one right-padded forward pass, a longer prompt is
    prefilled alone, one chunk per iteration; a finished prefill samples the first token;
 3. joins the freshly prefilled sequences into the running batch: their keys and values move
-   into the KV-cache slots after the running rows (model_runner.py: one slot per row, each
+   into the KV-cache slots after the running rows (kv_cache.py: one slot per row, each
    with its own length);
 4. runs one decode step for the whole batch (logits of the last position only; a CUDA graph
    replay on GPUs), samples each row with its own settings on the device, detokenizes
@@ -51,8 +51,9 @@ from typing import Any
 import torch
 
 from app.inference.contract import EngineCapabilities, EngineInfo, ToolCallExtraction
+from app.inference.kv_cache import KVCache, StagedKV
 from app.inference.loading import LoadedModel, load_model
-from app.inference.model_runner import ModelRunner, StagedKV, check_supported, to_device
+from app.inference.model_runner import ModelRunner, check_supported
 from app.inference.outputs import RequestOutput, TokenTexts
 from app.inference.sampling import (
     INVALID_TOKEN,
@@ -64,6 +65,7 @@ from app.inference.sampling import (
 )
 from app.inference.scheduler import Scheduler
 from app.inference.stream import RequestStream
+from app.inference.transfer import to_device
 from app.inference.types import (
     EngineClosedError,
     EngineFullError,
@@ -219,6 +221,7 @@ class InferenceEngine:
         self._runner = ModelRunner(
             loaded.model, loaded.device, max_slots=config.max_batch_size, compile_decode=config.compile_decode
         )
+        self._cache: KVCache = self._runner.cache
         self.vocab_size = int(loaded.model.get_output_embeddings().weight.shape[0])
         self._sampler = Sampler(self.vocab_size, loaded.device)
         # A second one for rows sampled alone after the batch failed (keeps the first one's cache).
@@ -769,7 +772,7 @@ class InferenceEngine:
     def _join(self, blocks: list[_Block]) -> None:
         """Freshly prefilled blocks join the running batch in the slots after the running rows."""
         for block in blocks:
-            self._runner.add_rows(block.staged, block.lengths)
+            self._cache.add_rows(block.staged, block.lengths)
             self._scheduler.join(block.sequences)
         first_tokens = [sequence.output_ids[-1] for block in blocks for sequence in block.sequences]
         self._next_tokens = torch.cat([self._next_tokens, to_device(first_tokens, self._loaded.device)])
@@ -842,7 +845,7 @@ class InferenceEngine:
     def _keep_rows(self, keep: list[int]) -> None:
         """Drop finished rows from the running batch at once, freeing their share of the cache."""
         order = self._scheduler.keep_running(keep)
-        self._runner.keep_rows(order)
+        self._cache.keep_rows(order)
         self._next_tokens = self._next_tokens[to_device(order, self._loaded.device)]
         if not self._running:
             self._unread = None  # every row it holds has finished
@@ -950,7 +953,7 @@ class InferenceEngine:
         self._running = []
         self._next_tokens = self._next_tokens[:0]
         self._unread = None
-        self._runner.release()
+        self._cache.release()
 
     def _fail_in_flight(self, error: Exception) -> None:
         """An iteration failed outside any one request: end what it had in hand, keep the queue."""

@@ -144,7 +144,7 @@ def _runner_holding_the_prompts(model: Any, **settings: Any) -> tuple[ModelRunne
     """A runner with both prompts prefilled into its first slots, and their prefill logits."""
     runner = ModelRunner(model, torch.device("cpu"), **settings)
     logits, staged = runner.prefill(_PROMPTS)
-    runner.add_rows(staged, [len(prompt) for prompt in _PROMPTS])
+    runner.cache.add_rows(staged, [len(prompt) for prompt in _PROMPTS])
     return runner, logits
 
 
@@ -180,8 +180,8 @@ def test_a_captured_step_shape_computes_what_transformers_computes() -> None:
         runner, _ = _runner_holding_the_prompts(model, max_slots=4, fused_kernels=True)
         tokens = torch.tensor([*_NEXT_TOKENS, 0, 0])
         positions = torch.tensor([len(prompt) for prompt in _PROMPTS] + [0, 0])
-        decoded = runner._decode_forward(tokens, positions, window=runner.capacity, masked=True)
-    assert runner.capacity == 256
+        decoded = runner._decode_forward(tokens, positions, window=runner.cache.capacity, masked=True)
+    assert runner.cache.capacity == 256
     torch.testing.assert_close(decoded[:2], continued, rtol=1e-4, atol=1e-4)
 
 
@@ -206,7 +206,7 @@ def test_the_compiled_decode_step_computes_what_transformers_computes() -> None:
         runner, _ = _runner_holding_the_prompts(model, max_slots=4, fused_kernels=True, compile_decode=True)
         decoded = runner.decode(torch.tensor(_NEXT_TOKENS))
         # The decode step of the second row wrote its key at position 3 of slot 1.
-        written = runner.keys[:, 1, :, 3]
+        written = runner.cache.keys[:, 1, :, 3]
     assert runner._compiled_decode is not None, "the compiled step failed and fell back to eager"
     torch.testing.assert_close(decoded, continued, rtol=1e-4, atol=1e-4)
     assert written.abs().sum() > 0
