@@ -804,10 +804,15 @@ class InferenceEngine:
         self._accept_step(chosen)
 
     def _decode_or_fail(self) -> torch.Tensor | None:
-        """One decode step, tried twice; when both fail, the running rows fail and the engine goes on.
+        """One decode step, tried twice; when both fail, only the rows that fail alone end.
 
         A failed step leaves the cache as it was (the rows' lengths only advance on success), so
         a transient failure (out of memory while others allocate) costs one retry and no request.
+        A step that fails again is bisected (_rows_failing_alone): the rows whose step fails on
+        its own end with an error, with one log line naming them, and the step runs again
+        without them. Rows that fail only together (no part of them fails alone: memory, a
+        broken device) all end. Returns the step's logits [rows, vocab], or None when no row is
+        left to decode.
         """
         try:
             return self._runner.decode(self._next_tokens)
@@ -818,18 +823,63 @@ class InferenceEngine:
         try:
             return self._runner.decode(self._next_tokens)
         except Exception as error:
+            failure = error
+        rows = list(range(len(self._running)))
+        failing = self._rows_failing_alone(rows)
+        culprits = [self._running[row] for row in failing]
+        together = len(failing) == len(rows) > 1
+        logger.error(
+            "decode step failed twice (%s: %s); ending requests %s, %s; %d other rows go on",
+            type(failure).__name__,
+            failure,
+            ", ".join(s.request_id or "?" for s in culprits),
+            "whose rows fail only together" if together else "whose rows fail alone",
+            len(rows) - len(failing),
+        )
+        message = f"the engine failed while generating this reply ({type(failure).__name__}); please retry"
+        for sequence in culprits:
+            if not sequence.stream.finished:
+                self._finish(sequence, "error", error=message)
+        if len(failing) == len(rows):
+            self._clear_running()
+            return None
+        ended = set(failing)
+        self._keep_rows([row for row in rows if row not in ended])
+        try:
+            return self._runner.decode(self._next_tokens)
+        except Exception as error:
             logger.error(
-                "decode step failed twice (%s: %s); ending running requests %s",
+                "decode step failed again without those rows (%s: %s); ending requests %s",
                 type(error).__name__,
                 error,
                 ", ".join(s.request_id or "?" for s in self._running),
             )
-            message = f"the engine failed while generating this reply ({type(error).__name__}); please retry"
             for sequence in self._running:
                 if not sequence.stream.finished:
                     self._finish(sequence, "error", error=message)
             self._clear_running()
             return None
+
+    def _rows_failing_alone(self, rows: list[int]) -> list[int]:
+        """Of running rows `rows`, whose decode step fails together, those whose step fails alone.
+
+        Bisection: each half runs alone (runner.decode_rows: eager, the cache does not advance);
+        a half that fails is split again, down to single rows. When neither half fails alone,
+        the rows fail only together and all of them are returned. Costs at most about
+        2 * log2(rows) forward passes per failing row, on this rare path only.
+        """
+        if len(rows) == 1:
+            return rows
+        middle = len(rows) // 2
+        failing: list[int] = []
+        for half in (rows[:middle], rows[middle:]):
+            try:
+                tokens = self._next_tokens[to_device(half, self._loaded.device)]
+                self._runner.decode_rows(tokens, half)
+            except Exception as error:
+                logger.debug("decode of rows %s alone failed: %s: %s", half, type(error).__name__, error)
+                failing.extend(self._rows_failing_alone(half))
+        return failing or rows
 
     def _accept_step(self, chosen: _ChosenTokens) -> None:
         """Take in a step's tokens and drop the rows they finished from the running batch."""

@@ -383,14 +383,41 @@ class ModelRunner:
         self.cache.advance()
         return logits
 
+    def decode_rows(self, tokens: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """The decode step of some running rows alone, to find which rows a failing step fails for.
+
+        tokens: [len(rows)] on the device, those rows' latest tokens; rows: running row indices
+        (= cache slots). Returns logits [len(rows), vocab]. Eager (no CUDA graph, not compiled),
+        and the cache's lengths do not advance: each row's key and value at its current length
+        are written again, identically, by the next full step, and nothing reads them before.
+        Raises whatever the forward pass raises.
+        """
+        lengths = [self.cache.lengths[row] for row in rows]
+        window = max(lengths) + 1
+        self.cache.reserve(window)
+        positions = to_device(lengths, self.device)
+        slots = to_device(rows, self.device)
+        return self._decode_forward(tokens, positions, window, masked=True, slots=slots)
+
     def _decode_forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor, window: int, masked: bool
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        window: int,
+        masked: bool,
+        slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """tokens, positions: [rows]; attention over the first `window` positions of each slot."""
+        """tokens, positions: [rows]; attention over the first `window` positions of each slot.
+
+        slots: [rows], the cache slot of each row; None: the first `rows` slots (the running
+        batch, read as a view of the cache instead of gathered).
+        """
         rows = tokens.shape[0]
         hidden = self._embed(tokens).unsqueeze(1)
         rotation = self._rotation(hidden, positions.unsqueeze(1))
-        slots = torch.arange(rows, device=self.device)
+        gathered = slots is not None
+        if slots is None:
+            slots = torch.arange(rows, device=self.device)
         mask = None
         if masked:
             # Additive, in the model's dtype: attention would otherwise convert a boolean mask in
@@ -407,8 +434,12 @@ class ModelRunner:
             at = (self._layer_indices[index], slots, slice(None), positions)
             self.cache.keys[at] = key.squeeze(2)
             self.cache.values[at] = value.squeeze(2)
-            keys = self.cache.keys[index, :rows, :, :window]
-            values = self.cache.values[index, :rows, :, :window]
+            if gathered:
+                keys = self.cache.keys[index, slots, :, :window]
+                values = self.cache.values[index, slots, :, :window]
+            else:
+                keys = self.cache.keys[index, :rows, :, :window]
+                values = self.cache.values[index, :rows, :, :window]
             if mask is None:
                 attention = functional.scaled_dot_product_attention(
                     query, keys, values, scale=layer.scaling, enable_gqa=self.groups > 1

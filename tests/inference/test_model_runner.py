@@ -185,6 +185,20 @@ def test_a_captured_step_shape_computes_what_transformers_computes() -> None:
     torch.testing.assert_close(decoded[:2], continued, rtol=1e-4, atol=1e-4)
 
 
+def test_one_row_decoded_alone_computes_its_row_of_the_full_step() -> None:
+    """decode_rows (how a failing step is bisected): a row alone gives its row of the batch's logits,
+    and the cache does not advance, so the full step that follows is unchanged."""
+    model = _random_model("llama")
+    with torch.inference_mode():
+        continued = _transformers_logits_after_next_token(model)
+        runner, _ = _runner_holding_the_prompts(model, max_slots=2)
+        alone = runner.decode_rows(torch.tensor([_NEXT_TOKENS[1]]), [1])
+        assert runner.cache.lengths == [len(prompt) for prompt in _PROMPTS]
+        decoded = runner.decode(torch.tensor(_NEXT_TOKENS))
+    torch.testing.assert_close(alone[0], continued[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(decoded, continued, rtol=1e-4, atol=1e-4)
+
+
 async def test_a_prompt_ending_at_its_first_token_leaves_its_group_exact(make_engine: EngineFactory) -> None:
     """Prompts prefilled together; the middle one ends at its first token and its row is dropped."""
     engine = await make_engine()
