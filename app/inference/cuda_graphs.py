@@ -53,8 +53,9 @@ class DecodeGraphs:
         """Whether a batch of `rows` rows has a bucket (larger ones run eagerly)."""
         return rows <= GRAPH_BATCH_BUCKETS[-1]
 
-    def __len__(self) -> int:
-        return len(self._graphs)
+    def captured(self) -> list[torch.cuda.CUDAGraph]:
+        """The graphs captured so far (for measuring a replay alone, as bench/gpu_check does)."""
+        return [step.graph for step in self._graphs.values()]
 
     def clear(self) -> None:
         """Drop every graph (they point at tensors that are gone)."""
