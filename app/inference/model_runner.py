@@ -366,7 +366,10 @@ class ModelRunner:
         """One decode step of the running batch (row r = slot r); returns logits [rows, vocab].
 
         tokens: [rows] on the device, each row's latest token. They may still be in the making
-        (the previous step's choice, queued on the device): nothing here waits for them.
+        (the previous step's choice, queued on the device): nothing here waits for them. The
+        cache's lengths advance by one only when the step succeeds, so a failed step can be run
+        again. Raises ValueError when `tokens` does not match the running rows, and whatever the
+        device raises (torch.OutOfMemoryError, a CUDA error).
         """
         rows = tokens.shape[0]
         lengths = self.cache.lengths
