@@ -11,7 +11,7 @@ asyncio loop of the API keeps serving). Each iteration it:
    short prompts waiting together share one right-padded forward pass, a longer prompt is
    prefilled alone, one chunk per iteration; a finished prefill samples the first token;
 3. joins the freshly prefilled sequences into the running batch: their keys and values move
-   into the KV-cache slots after the running rows (model_runner.py: one slot per row, each
+   into the KV-cache slots after the running rows (kv_cache.py: one slot per row, each
    with its own length);
 4. runs one decode step for the whole batch (logits of the last position only; a CUDA graph
    replay on GPUs), samples each row with its own settings on the device, detokenizes
@@ -51,8 +51,9 @@ import torch
 
 from app.inference import admission
 from app.inference.contract import EngineCapabilities, EngineInfo, ToolCallExtraction, ToolCallStream
+from app.inference.kv_cache import KVCache, StagedKV
 from app.inference.loading import LoadedModel, load_model
-from app.inference.model_runner import ModelRunner, StagedKV, check_supported, to_device
+from app.inference.model_runner import ModelRunner, check_supported
 from app.inference.outputs import RequestOutput, TokenTexts
 from app.inference.sampling import (
     INVALID_TOKEN,
@@ -64,6 +65,7 @@ from app.inference.sampling import (
 )
 from app.inference.scheduler import Scheduler
 from app.inference.stream import RequestStream
+from app.inference.transfer import to_device
 from app.inference.types import (
     EngineClosedError,
     EngineObserver,
@@ -211,6 +213,7 @@ class InferenceEngine:
         self._runner = ModelRunner(
             loaded.model, loaded.device, max_slots=config.max_batch_size, compile_decode=config.compile_decode
         )
+        self._cache: KVCache = self._runner.cache
         self.vocab_size = int(loaded.model.get_output_embeddings().weight.shape[0])
         self._sampler = Sampler(self.vocab_size, loaded.device)
         # A second one for rows sampled alone after the batch failed (keeps the first one's cache).
@@ -676,7 +679,7 @@ class InferenceEngine:
     def _join(self, blocks: list[_Block]) -> None:
         """Freshly prefilled blocks join the running batch in the slots after the running rows."""
         for block in blocks:
-            self._runner.add_rows(block.staged, block.lengths)
+            self._cache.add_rows(block.staged, block.lengths)
             self._scheduler.join(block.sequences)
         first_tokens = [sequence.output_ids[-1] for block in blocks for sequence in block.sequences]
         self._next_tokens = torch.cat([self._next_tokens, to_device(first_tokens, self._loaded.device)])
@@ -708,10 +711,15 @@ class InferenceEngine:
         self._accept_step(chosen)
 
     def _decode_or_fail(self) -> torch.Tensor | None:
-        """One decode step, tried twice; when both fail, the running rows fail and the engine goes on.
+        """One decode step, tried twice; when both fail, only the rows that fail alone end.
 
         A failed step leaves the cache as it was (the rows' lengths only advance on success), so
         a transient failure (out of memory while others allocate) costs one retry and no request.
+        A step that fails again is bisected (_rows_failing_alone): the rows whose step fails on
+        its own end with an error, with one log line naming them, and the step runs again
+        without them. Rows that fail only together (no part of them fails alone: memory, a
+        broken device) all end. Returns the step's logits [rows, vocab], or None when no row is
+        left to decode.
         """
         try:
             return self._runner.decode(self._next_tokens)
@@ -722,18 +730,63 @@ class InferenceEngine:
         try:
             return self._runner.decode(self._next_tokens)
         except Exception as error:
+            failure = error
+        rows = list(range(len(self._running)))
+        failing = self._rows_failing_alone(rows)
+        culprits = [self._running[row] for row in failing]
+        together = len(failing) == len(rows) > 1
+        logger.error(
+            "decode step failed twice (%s: %s); ending requests %s, %s; %d other rows go on",
+            type(failure).__name__,
+            failure,
+            ", ".join(s.request_id or "?" for s in culprits),
+            "whose rows fail only together" if together else "whose rows fail alone",
+            len(rows) - len(failing),
+        )
+        message = f"the engine failed while generating this reply ({type(failure).__name__}); please retry"
+        for sequence in culprits:
+            if not sequence.stream.finished:
+                self._finish(sequence, "error", error=message)
+        if len(failing) == len(rows):
+            self._clear_running()
+            return None
+        ended = set(failing)
+        self._keep_rows([row for row in rows if row not in ended])
+        try:
+            return self._runner.decode(self._next_tokens)
+        except Exception as error:
             logger.error(
-                "decode step failed twice (%s: %s); ending running requests %s",
+                "decode step failed again without those rows (%s: %s); ending requests %s",
                 type(error).__name__,
                 error,
                 ", ".join(s.request_id or "?" for s in self._running),
             )
-            message = f"the engine failed while generating this reply ({type(error).__name__}); please retry"
             for sequence in self._running:
                 if not sequence.stream.finished:
                     self._finish(sequence, "error", error=message)
             self._clear_running()
             return None
+
+    def _rows_failing_alone(self, rows: list[int]) -> list[int]:
+        """Of running rows `rows`, whose decode step fails together, those whose step fails alone.
+
+        Bisection: each half runs alone (runner.decode_rows: eager, the cache does not advance);
+        a half that fails is split again, down to single rows. When neither half fails alone,
+        the rows fail only together and all of them are returned. Costs at most about
+        2 * log2(rows) forward passes per failing row, on this rare path only.
+        """
+        if len(rows) == 1:
+            return rows
+        middle = len(rows) // 2
+        failing: list[int] = []
+        for half in (rows[:middle], rows[middle:]):
+            try:
+                tokens = self._next_tokens[to_device(half, self._loaded.device)]
+                self._runner.decode_rows(tokens, half)
+            except Exception as error:
+                logger.debug("decode of rows %s alone failed: %s: %s", half, type(error).__name__, error)
+                failing.extend(self._rows_failing_alone(half))
+        return failing or rows
 
     def _accept_step(self, chosen: _ChosenTokens) -> None:
         """Take in a step's tokens and drop the rows they finished from the running batch."""
@@ -749,7 +802,7 @@ class InferenceEngine:
     def _keep_rows(self, keep: list[int]) -> None:
         """Drop finished rows from the running batch at once, freeing their share of the cache."""
         order = self._scheduler.keep_running(keep)
-        self._runner.keep_rows(order)
+        self._cache.keep_rows(order)
         self._next_tokens = self._next_tokens[to_device(order, self._loaded.device)]
         if not self._running:
             self._unread = None  # every row it holds has finished
@@ -857,7 +910,7 @@ class InferenceEngine:
         self._running = []
         self._next_tokens = self._next_tokens[:0]
         self._unread = None
-        self._runner.release()
+        self._cache.release()
 
     def _fail_in_flight(self, error: Exception) -> None:
         """An iteration failed outside any one request: end what it had in hand, keep the queue."""

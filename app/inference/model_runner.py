@@ -1,22 +1,27 @@
 """The forward passes of the engine: a Llama-family decoder run over a slot-based KV cache.
 
+Three modules share the work: this one computes (prefill and decode forward passes, the weight
+layout); kv_cache.py owns the cache's memory and its slots (reserve, add, keep, release);
+cuda_graphs.py captures and replays decode steps on CUDA.
+
 transformers' own forward pass is built for one static batch: every decode step it rebuilds masks
 and position tensors, and its cache grows by concatenation, so a continuously changing batch
 costs row surgery on every layer. The runner keeps the model's own modules and weights (loaded by
 transformers, so every checkpoint format and RoPE variant it knows still works) and runs them in
 a fixed layout instead:
 
-- one key and one value tensor for all layers, ``[layers, slots, kv_heads, capacity, head_dim]``;
-  row ``r`` of the running batch lives in slot ``r``, so a decode step reads a plain view of the
-  first ``batch`` slots, with one mask for rows of different lengths;
-- prompts are prefilled into a separate staging tensor (no slot is touched until the sequence
-  joins the batch), one chunk at a time for long prompts, several short prompts in one pass;
+- one key and one value tensor for all layers (kv_cache.KVCache); row ``r`` of the running
+  batch lives in slot ``r``, so a decode step reads a plain view of the first ``batch`` slots,
+  with one mask for rows of different lengths;
+- prompts are prefilled into a separate staging tensor (kv_cache.StagedKV: no slot is touched
+  until the sequence joins the batch), one chunk at a time for long prompts, several short
+  prompts in one pass;
 - the query, key and value projections, and the gate and up projections, are fused into one
   matrix product each (the module weights become views of the fused matrix, so the model keeps
   working for `generate` and uses no extra memory);
 - on CUDA, each decode step is replayed from a CUDA graph captured per (batch bucket, attention
-  window), which removes the kernel-launch overhead that dominates small models on a GPU
-  (optionally with torch.compile inside, `compile_decode`);
+  window; cuda_graphs.DecodeGraphs), which removes the kernel-launch overhead that dominates
+  small models on a GPU (optionally with torch.compile inside, `compile_decode`);
 - on CUDA the step is also built from fewer kernels (`fused_kernels`): a decode step of a small
   model is a chain of a few hundred tiny kernels whose count, not the bytes they read, sets its
   time. One kernel per norm, the residual additions inside the matrix products, the rotary
@@ -42,29 +47,16 @@ import numpy as np
 import torch
 import torch.nn.functional as functional
 
+from app.inference.cuda_graphs import DecodeGraphs
+from app.inference.kv_cache import KVCache, StagedKV
+from app.inference.transfer import to_device
 from app.inference.types import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-# Capacity and attention windows grow in steps of this many positions (fewer reallocations and
-# fewer CUDA graphs than exact sizes).
-_CAPACITY_STEP = 256
 # Up to this many rows, OpenBLAS multiplies row by row (see _Projection).
 _MATRIX_VECTOR_ROWS = 3
-_GRAPH_BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-
-
-@dataclass
-class StagedKV:
-    """Keys and values of prompts being prefilled, ``[layers, rows, kv_heads, length, head_dim]``."""
-
-    keys: torch.Tensor
-    values: torch.Tensor
-
-    @property
-    def length(self) -> int:
-        return self.keys.shape[3]
 
 
 def check_supported(model: Any) -> None:
@@ -92,23 +84,6 @@ def check_supported(model: Any) -> None:
         model.model.rotary_emb  # noqa: B018
     except AttributeError as error:
         raise ModelLoadError(f"model {model_type} does not have the Llama decoder layout: {error}") from error
-
-
-def _round_up(value: int, step: int) -> int:
-    return -(-value // step) * step
-
-
-def to_device(values: list[int], device: torch.device) -> torch.Tensor:
-    """Integers from the host on `device`, without making the host wait for the device.
-
-    On CUDA, a copy from ordinary (pageable) host memory may wait until the stream's queued work
-    is done; a copy from pinned memory is queued behind it instead (torch keeps the pinned block
-    until the copy has run).
-    """
-    host = torch.tensor(values, dtype=torch.long)
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 class _Projection:
@@ -195,6 +170,14 @@ class _Layer:
 
 
 class ModelRunner:
+    """Runs one loaded model over the running batch's KV cache (`cache`, at most `max_slots` rows).
+
+    device: where the model's weights are. use_cuda_graphs (None: on CUDA) replays decode steps
+    from CUDA graphs; compile_decode runs the decode step through torch.compile; fused_kernels
+    (None: on CUDA) trades bit-exactness with transformers for fewer kernels. Raises
+    ModelLoadError for a model it cannot run (check_supported).
+    """
+
     def __init__(
         self,
         model: Any,
@@ -228,62 +211,33 @@ class ModelRunner:
         self._layer_indices = [torch.tensor([index], device=device) for index in range(len(self._layers))]
         self._q_size = self.heads * self.head_dim
         self._kv_size = self.kv_heads * self.head_dim
-        self.capacity = 0
-        self.keys = torch.empty(0, device=device, dtype=self.dtype)
-        self.values = torch.empty(0, device=device, dtype=self.dtype)
-        self.lengths: list[int] = []  # tokens cached in each running slot
         if use_cuda_graphs is None:
             use_cuda_graphs = device.type == "cuda"
         self.use_cuda_graphs = use_cuda_graphs and device.type == "cuda"
-        self._graphs: dict[tuple[int, int], _CapturedStep] = {}
-        self._graph_pool: Any = None
+        self.cache = KVCache(
+            layers=len(self._layers),
+            max_slots=max_slots,
+            kv_heads=self.kv_heads,
+            head_dim=self.head_dim,
+            max_positions=self.context_length,
+            device=device,
+            dtype=self.dtype,
+            # Captured graphs point at the cache's tensors: a GPU keeps them while idle.
+            keep_storage=self.use_cuda_graphs,
+        )
         self._rotate_jointly = self._layers[0].q_norm is None
         self._compiled_decode: Any = None
-        self._smallest_bucket = 1
+        smallest_bucket = 1
         if compile_decode:
             # Sizes of 1 are specialised by the compiler: a batch of one runs in the bucket of two
             # (the same weights are read) rather than paying for a second compilation.
-            self._smallest_bucket = min(2, max_slots)
+            smallest_bucket = min(2, max_slots)
             # Fuses the elementwise work of each layer into a few kernels (inductor). The second
             # batch or window size seen makes those dimensions symbolic: two compilations in all.
             self._compiled_decode = torch.compile(self._decode_forward)
-
-    # ----- cache ------------------------------------------------------------------------------
-
-    def _cache_shape(self, capacity: int) -> tuple[int, ...]:
-        return (len(self._layers), self.max_slots, self.kv_heads, capacity, self.head_dim)
-
-    def reserve(self, length: int) -> None:
-        """Make room for `length` positions in every slot (grows geometrically, keeps contents)."""
-        if length <= self.capacity:
-            return
-        capacity = min(
-            _round_up(max(length, self.capacity * 3 // 2), _CAPACITY_STEP),
-            _round_up(self.context_length, _CAPACITY_STEP),
-        )
-        capacity = max(capacity, length)
-        keys = torch.zeros(self._cache_shape(capacity), device=self.device, dtype=self.dtype)
-        values = torch.zeros_like(keys)
-        if self.capacity:
-            keys[:, :, :, : self.capacity].copy_(self.keys)
-            values[:, :, :, : self.capacity].copy_(self.values)
-        self.keys, self.values, self.capacity = keys, values, capacity
-        # Captured graphs point at the old tensors.
-        self._drop_graphs()
-
-    def release(self) -> None:
-        """Nothing runs any more: on the CPU free the cache; a GPU keeps it and its captured graphs."""
-        self.lengths = []
+        self.graphs: DecodeGraphs | None = None
         if self.use_cuda_graphs:
-            return
-        self.keys = torch.empty(0, device=self.device, dtype=self.dtype)
-        self.values = torch.empty(0, device=self.device, dtype=self.dtype)
-        self.capacity = 0
-
-    def _drop_graphs(self) -> None:
-        self._graphs.clear()
-        # A pool whose graphs are all gone cannot take new captures: the next graph starts a new one.
-        self._graph_pool = None
+            self.graphs = DecodeGraphs(self.cache, self._decode_step, smallest_bucket)
 
     def _decode_step(
         self, tokens: torch.Tensor, positions: torch.Tensor, window: int, masked: bool
@@ -295,29 +249,6 @@ class ModelRunner:
                 logger.exception("torch.compile of the decode step failed; running it uncompiled from now on")
                 self._compiled_decode = None
         return self._decode_forward(tokens, positions, window, masked)
-
-    def add_rows(self, staged: StagedKV, lengths: list[int]) -> None:
-        """Append staged sequences to the running batch (their slots follow the running rows)."""
-        first = len(self.lengths)
-        if first + len(lengths) > self.max_slots:
-            raise RuntimeError(f"{first + len(lengths)} rows exceed the {self.max_slots} slots")
-        self.reserve(max(lengths) + 1)
-        for offset, length in enumerate(lengths):
-            slot = first + offset
-            self.keys[:, slot, :, :length].copy_(staged.keys[:, offset, :, :length])
-            self.values[:, slot, :, :length].copy_(staged.values[:, offset, :, :length])
-        self.lengths.extend(lengths)
-
-    def keep_rows(self, keep: list[int]) -> None:
-        """Keep running rows `keep` (old indices, in their new order), moving each into its new slot."""
-        for slot, source in enumerate(keep):
-            if source != slot:
-                length = self.lengths[source]
-                self.keys[:, slot, :, :length].copy_(self.keys[:, source, :, :length])
-                self.values[:, slot, :, :length].copy_(self.values[:, source, :, :length])
-        self.lengths = [self.lengths[source] for source in keep]
-        if not self.lengths:
-            self.release()
 
     # ----- forward passes -----------------------------------------------------------------------
 
@@ -435,30 +366,61 @@ class ModelRunner:
         """One decode step of the running batch (row r = slot r); returns logits [rows, vocab].
 
         tokens: [rows] on the device, each row's latest token. They may still be in the making
-        (the previous step's choice, queued on the device): nothing here waits for them.
+        (the previous step's choice, queued on the device): nothing here waits for them. The
+        cache's lengths advance by one only when the step succeeds, so a failed step can be run
+        again. Raises ValueError when `tokens` does not match the running rows, and whatever the
+        device raises (torch.OutOfMemoryError, a CUDA error).
         """
         rows = tokens.shape[0]
-        if rows != len(self.lengths):
-            raise ValueError(f"{rows} tokens for {len(self.lengths)} running rows")
-        window = max(self.lengths) + 1
-        self.reserve(window)
-        if self.use_cuda_graphs and rows <= _GRAPH_BATCH_BUCKETS[-1]:
-            logits = self._decode_graphed(tokens)
+        lengths = self.cache.lengths
+        if rows != len(lengths):
+            raise ValueError(f"{rows} tokens for {len(lengths)} running rows")
+        window = max(lengths) + 1
+        self.cache.reserve(window)
+        if self.graphs is not None and self.graphs.fits(rows):
+            logits = self.graphs.replay(tokens)
         else:
-            positions = to_device(self.lengths, self.device)
-            uniform = all(length == self.lengths[0] for length in self.lengths)
+            positions = to_device(lengths, self.device)
+            uniform = all(length == lengths[0] for length in lengths)
             logits = self._decode_step(tokens, positions, window, masked=not uniform)
-        self.lengths = [length + 1 for length in self.lengths]
+        self.cache.advance()
         return logits
 
+    def decode_rows(self, tokens: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """The decode step of some running rows alone, to find which rows a failing step fails for.
+
+        tokens: [len(rows)] on the device, those rows' latest tokens; rows: running row indices
+        (= cache slots). Returns logits [len(rows), vocab]. Eager (no CUDA graph, not compiled),
+        and the cache's lengths do not advance: each row's key and value at its current length
+        are written again, identically, by the next full step, and nothing reads them before.
+        Raises whatever the forward pass raises.
+        """
+        lengths = [self.cache.lengths[row] for row in rows]
+        window = max(lengths) + 1
+        self.cache.reserve(window)
+        positions = to_device(lengths, self.device)
+        slots = to_device(rows, self.device)
+        return self._decode_forward(tokens, positions, window, masked=True, slots=slots)
+
     def _decode_forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor, window: int, masked: bool
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        window: int,
+        masked: bool,
+        slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """tokens, positions: [rows]; attention over the first `window` positions of each slot."""
+        """tokens, positions: [rows]; attention over the first `window` positions of each slot.
+
+        slots: [rows], the cache slot of each row; None: the first `rows` slots (the running
+        batch, read as a view of the cache instead of gathered).
+        """
         rows = tokens.shape[0]
         hidden = self._embed(tokens).unsqueeze(1)
         rotation = self._rotation(hidden, positions.unsqueeze(1))
-        slots = torch.arange(rows, device=self.device)
+        gathered = slots is not None
+        if slots is None:
+            slots = torch.arange(rows, device=self.device)
         mask = None
         if masked:
             # Additive, in the model's dtype: attention would otherwise convert a boolean mask in
@@ -473,10 +435,14 @@ class ModelRunner:
             # in one kernel (an integer index made a view of the cache, and the compiled step copied
             # each layer's whole cache and wrote it back every step).
             at = (self._layer_indices[index], slots, slice(None), positions)
-            self.keys[at] = key.squeeze(2)
-            self.values[at] = value.squeeze(2)
-            keys = self.keys[index, :rows, :, :window]
-            values = self.values[index, :rows, :, :window]
+            self.cache.keys[at] = key.squeeze(2)
+            self.cache.values[at] = value.squeeze(2)
+            if gathered:
+                keys = self.cache.keys[index, slots, :, :window]
+                values = self.cache.values[index, slots, :, :window]
+            else:
+                keys = self.cache.keys[index, :rows, :, :window]
+                values = self.cache.values[index, :rows, :, :window]
             if mask is None:
                 attention = functional.scaled_dot_product_attention(
                     query, keys, values, scale=layer.scaling, enable_gqa=self.groups > 1
@@ -490,57 +456,6 @@ class ModelRunner:
                 )
             hidden = self._finish_layer(layer, hidden, attention.reshape(rows, 1, self._q_size))
         return self._lm_head(self._norm(self._final_norm, hidden))[:, -1, :]
-
-    # ----- CUDA graphs ---------------------------------------------------------------------------
-
-    def _decode_graphed(self, tokens: torch.Tensor) -> torch.Tensor:
-        rows = tokens.shape[0]
-        bucket = next(size for size in _GRAPH_BATCH_BUCKETS if size >= max(rows, self._smallest_bucket))
-        bucket = min(bucket, self.max_slots)
-        window = min(_round_up(max(self.lengths) + 1, _CAPACITY_STEP), self.capacity)
-        step = self._graphs.get((bucket, window))
-        # Padding rows compute in free slots at position 0: their writes are never read, and their
-        # tokens are whatever an earlier step left there (any token id will do).
-        positions = to_device(self.lengths + [0] * (bucket - rows), self.device)
-        if step is None:
-            if self._graph_pool is None:
-                self._graph_pool = torch.cuda.graph_pool_handle()
-            step = _CapturedStep(self, bucket, window, self._graph_pool)
-            step.tokens[:rows].copy_(tokens)
-            step.positions.copy_(positions)
-            step.capture()
-            self._graphs[(bucket, window)] = step
-            logger.debug("captured a CUDA graph for batch %d, window %d", bucket, window)
-        else:
-            step.tokens[:rows].copy_(tokens)
-            step.positions.copy_(positions)
-        step.graph.replay()
-        return step.logits[:rows]
-
-
-class _CapturedStep:
-    def __init__(self, runner: ModelRunner, bucket: int, window: int, pool: Any) -> None:
-        self.runner = runner
-        self.window = window
-        self.tokens = torch.zeros(bucket, dtype=torch.long, device=runner.device)
-        self.positions = torch.zeros(bucket, dtype=torch.long, device=runner.device)
-        self.pool = pool
-        self.graph = torch.cuda.CUDAGraph()
-        self.logits: torch.Tensor
-
-    def _run(self) -> torch.Tensor:
-        return self.runner._decode_step(self.tokens, self.positions, self.window, masked=True)
-
-    def capture(self) -> None:
-        # The inputs already hold the real step, so the warm-up writes the same cache entries.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._run()
-        torch.cuda.current_stream().wait_stream(side)
-        # thread_local: the event loop thread may touch CUDA (a seeded request's generator) meanwhile.
-        with torch.cuda.graph(self.graph, pool=self.pool, capture_error_mode="thread_local"):
-            self.logits = self._run()
 
 
 @dataclass

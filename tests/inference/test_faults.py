@@ -260,6 +260,76 @@ async def test_a_step_that_keeps_failing_ends_the_running_rows_and_the_engine_go
     assert engine.healthy
 
 
+@pytest.mark.parametrize("overlap_host_work", [False, True], ids=["serial", "overlapped"])
+async def test_a_step_failing_for_one_row_ends_that_row_alone(
+    make_engine: EngineFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    overlap_host_work: bool,
+) -> None:
+    """The victim's fourth token is an id past the embedding table: every decode step of a batch
+    holding its row raises in the real forward pass (IndexError, as a corrupted token would).
+    Bisecting the batch finds that row; the four others finish with generate()'s tokens and text."""
+    engine = await make_engine(overlap_host_work=overlap_host_work)
+    original = Sampler.__call__
+
+    def call(self: Sampler, logits: torch.Tensor, rows: Any) -> Any:
+        output = original(self, logits, rows)
+        for row, sequence in enumerate(rows):
+            if getattr(sequence, "request_id", None) == VICTIM and len(sequence.output_ids) == 3:
+                output.tokens[row] = engine.vocab_size
+        return output
+
+    monkeypatch.setattr(Sampler, "__call__", call)
+    questions = ["Tell me a story.", "Hi", "What is two plus three?", "What is four plus one?"]
+    bystanders = []
+    for index, question in enumerate(questions):
+        request = chat(question, max_tokens=20, temperature=0, ignore_eos=True)
+        bystanders.append(
+            GenerationRequest(messages=request.messages, params=request.params, request_id=f"b{index}")
+        )
+    expected = [reference_tokens(engine, request) for request in bystanders]
+    requests = [*bystanders[:2], _victim(max_tokens=20), *bystanders[2:]]
+    with caplog.at_level(logging.ERROR, logger="app.inference.engine"):
+        streams = [engine.submit(request) for request in requests]
+        results = [await stream.result() for stream in streams]
+    victim = results.pop(2)
+    assert victim.finish_reason == "error"
+    assert victim.completion_tokens == 4
+    for result, tokens in zip(results, expected, strict=True):
+        assert result.error is None and result.finish_reason == "length"
+        assert list(result.token_ids) == tokens
+        assert result.text == engine.tokenizer.decode(tokens, skip_special_tokens=True)
+    lines = [r.getMessage() for r in caplog.records if "failed twice" in r.getMessage()]
+    assert len(lines) == 1 and VICTIM in lines[0]
+    assert not any(f"b{index}" in lines[0] for index in range(len(questions)))
+    assert engine.healthy
+
+
+async def test_rows_that_fail_only_together_all_end_and_the_engine_goes_on(
+    make_engine: EngineFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every batch of two or more rows fails (as memory would), each row alone would not: no row is
+    to blame, so all of them end, and later requests are served."""
+    engine = await make_engine()
+    original = ModelRunner.decode
+
+    def decode(self: ModelRunner, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.shape[0] >= 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return original(self, tokens)
+
+    monkeypatch.setattr(ModelRunner, "decode", decode)
+    with caplog.at_level(logging.ERROR, logger="app.inference.engine"):
+        streams = [engine.submit(_unrelated()), engine.submit(_victim())]
+        results = [await stream.result() for stream in streams]
+    assert [result.finish_reason for result in results] == ["error", "error"]
+    lines = [r.getMessage() for r in caplog.records if "failed twice" in r.getMessage()]
+    assert len(lines) == 1 and "fail only together" in lines[0]
+    again = await engine.submit(_unrelated()).result()
+    assert list(again.token_ids) == reference_tokens(engine, _unrelated())
+
+
 class _SchedulerKilled(BaseException):
     """Stands for whatever could end the scheduler thread outside the per-request guards."""
 

@@ -144,7 +144,7 @@ def _runner_holding_the_prompts(model: Any, **settings: Any) -> tuple[ModelRunne
     """A runner with both prompts prefilled into its first slots, and their prefill logits."""
     runner = ModelRunner(model, torch.device("cpu"), **settings)
     logits, staged = runner.prefill(_PROMPTS)
-    runner.add_rows(staged, [len(prompt) for prompt in _PROMPTS])
+    runner.cache.add_rows(staged, [len(prompt) for prompt in _PROMPTS])
     return runner, logits
 
 
@@ -180,9 +180,23 @@ def test_a_captured_step_shape_computes_what_transformers_computes() -> None:
         runner, _ = _runner_holding_the_prompts(model, max_slots=4, fused_kernels=True)
         tokens = torch.tensor([*_NEXT_TOKENS, 0, 0])
         positions = torch.tensor([len(prompt) for prompt in _PROMPTS] + [0, 0])
-        decoded = runner._decode_forward(tokens, positions, window=runner.capacity, masked=True)
-    assert runner.capacity == 256
+        decoded = runner._decode_forward(tokens, positions, window=runner.cache.capacity, masked=True)
+    assert runner.cache.capacity == 256
     torch.testing.assert_close(decoded[:2], continued, rtol=1e-4, atol=1e-4)
+
+
+def test_one_row_decoded_alone_computes_its_row_of_the_full_step() -> None:
+    """decode_rows (how a failing step is bisected): a row alone gives its row of the batch's logits,
+    and the cache does not advance, so the full step that follows is unchanged."""
+    model = _random_model("llama")
+    with torch.inference_mode():
+        continued = _transformers_logits_after_next_token(model)
+        runner, _ = _runner_holding_the_prompts(model, max_slots=2)
+        alone = runner.decode_rows(torch.tensor([_NEXT_TOKENS[1]]), [1])
+        assert runner.cache.lengths == [len(prompt) for prompt in _PROMPTS]
+        decoded = runner.decode(torch.tensor(_NEXT_TOKENS))
+    torch.testing.assert_close(alone[0], continued[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(decoded, continued, rtol=1e-4, atol=1e-4)
 
 
 async def test_a_prompt_ending_at_its_first_token_leaves_its_group_exact(make_engine: EngineFactory) -> None:
@@ -206,7 +220,7 @@ def test_the_compiled_decode_step_computes_what_transformers_computes() -> None:
         runner, _ = _runner_holding_the_prompts(model, max_slots=4, fused_kernels=True, compile_decode=True)
         decoded = runner.decode(torch.tensor(_NEXT_TOKENS))
         # The decode step of the second row wrote its key at position 3 of slot 1.
-        written = runner.keys[:, 1, :, 3]
+        written = runner.cache.keys[:, 1, :, 3]
     assert runner._compiled_decode is not None, "the compiled step failed and fell back to eager"
     torch.testing.assert_close(decoded, continued, rtol=1e-4, atol=1e-4)
     assert written.abs().sum() > 0
