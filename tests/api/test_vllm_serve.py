@@ -75,5 +75,8 @@ def test_health_and_metrics_show_the_vllm_engine(vllm_server: LiveServer) -> Non
     assert health["engine"]["kind"] == "vllm" and health["engine"]["dtype"] == "bfloat16"
     assert health["engine"]["tensor_parallel_size"] == 1
     metrics = httpx.get(f"{vllm_server.base_url}/metrics", timeout=10).text
-    assert "zeus:kv_cache_usage_perc" in metrics and "zeus:prefix_cache_hit_rate" in metrics
-    assert "zeus:time_to_first_token_seconds_count" in metrics
+    assert "vllm:kv_cache_usage_perc{model_name=" in metrics and "zeus:prefix_cache_hit_rate" in metrics
+    assert "vllm:time_to_first_token_seconds_count{model_name=" in metrics
+    # The earlier test's generation: vLLM's queue time reached the same histogram as the built-in's.
+    assert "vllm:request_queue_time_seconds_count" in metrics
+    assert "vllm:inter_token_latency_seconds_count" in metrics
