@@ -5,13 +5,14 @@ from __future__ import annotations
 import time
 
 from loadgen import LoadGenerator, summarize
-from zeus_hosts import Deployment
+from monitoring import Monitoring
+from zeus_hosts import Deployment, wait_until
 
 STEPS = (4, 1, 2)
 
 
 def test_scaling_under_streaming_load_fails_no_request(
-    deployment: Deployment, api_key: str, model_id: str
+    deployment: Deployment, api_key: str, model_id: str, monitoring: Monitoring
 ) -> None:
     deployment.assert_units_match_upstream(2)
     served_per_step: dict[int, int] = {}
@@ -23,6 +24,12 @@ def test_scaling_under_streaming_load_fails_no_request(
                 "playbooks/scale.yml", f"instances={instances}", log_name=f"scale-to-{instances}"
             )
             deployment.assert_units_match_upstream(instances)
+            # Prometheus follows: it scrapes exactly the running instances (file_sd, no reload).
+            wait_until(
+                lambda: monitoring.target_addresses("zeus") == deployment.unit_endpoints(),
+                timeout=30,
+                what=f"Prometheus's zeus targets to be the {instances} instances per host",
+            )
             served_per_step[instances] = sum(
                 1 for record in load.records() if record.ok and record.ended >= step_started
             )
