@@ -48,8 +48,9 @@ lock: ## re-resolve requirements/*.lock from requirements/*.in
 # g++ and python3-dev: torch.compile's CPU backend (a test compiles the decode step).
 # slapd and ldap-utils: the LDAP sign-in tests start a throwaway slapd (tests/support/identity.py);
 # the OpenID Connect tests run node's oidc-provider with the machine's Node.js and npm.
+# prometheus: its promtool checks the monitoring role's rules and configuration (tests/deploy).
 SYSTEM_PACKAGES := python3-venv postgresql nginx podman runc debootstrap zstd chromium \
-                   fonts-dejavu-core curl ca-certificates g++ python3-dev slapd ldap-utils
+                   fonts-dejavu-core curl ca-certificates g++ python3-dev slapd ldap-utils prometheus
 
 system-deps: ## Debian packages the tests and the lab need (installs only what is missing; root)
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \

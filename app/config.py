@@ -3,6 +3,8 @@ to a 0600 file per instance)."""
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 from pathlib import Path
 from typing import Annotated, Literal
@@ -11,19 +13,11 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIN_SECRET_KEY_LENGTH = 32
-# Values people paste from examples; a key containing one of them was never really chosen.
-PLACEHOLDER_SECRET_FRAGMENTS = (
-    "changeme",
-    "change-me",
-    "change_me",
-    "replaceme",
-    "replace-me",
-    "secret",
-    "placeholder",
-    "example",
-    "password",
-    "xxxxxxxx",
-    "00000000",
+# Values people paste from examples; a key containing one of them was never really chosen. The
+# same list (app/secret_placeholders.json) is what the Ansible roles refuse for their secrets.
+_PLACEHOLDERS = json.loads((Path(__file__).parent / "secret_placeholders.json").read_text())
+PLACEHOLDER_SECRET_PATTERN = re.compile(
+    "|".join(_PLACEHOLDERS["any_secret"] + _PLACEHOLDERS["secret_key"]), re.IGNORECASE
 )
 
 
@@ -38,8 +32,7 @@ class ConfigError(Exception):
 def secret_key_problem(value: str) -> str | None:
     if not value.strip():
         return "ZEUS_SECRET_KEY is empty: set it to a random string of at least 32 characters"
-    lowered = value.lower()
-    if any(fragment in lowered for fragment in PLACEHOLDER_SECRET_FRAGMENTS):
+    if PLACEHOLDER_SECRET_PATTERN.search(value):
         return (
             "ZEUS_SECRET_KEY looks like a placeholder: set it to a random string of at least "
             "32 characters (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(48))'`)"

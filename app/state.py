@@ -43,7 +43,7 @@ class ZeusState:
 
     def __post_init__(self) -> None:
         self.access = AccessControl(self.settings)
-        self.metrics = Metrics(self.engine_stats, lambda: self.in_flight)
+        self.metrics = Metrics(self.engine_stats, lambda: self.in_flight, model_name=self.engine.model_name)
 
     @property
     def instance_name(self) -> str:

@@ -1,5 +1,5 @@
-"""python -m bench {engine,serve,compare,affinity,fairness} ...: see bench/engine_bench.py,
-serve_bench.py, compare.py, affinity.py, fairness.py."""
+"""python -m bench {engine,serve,compare,affinity,fairness,capacity} ...: see bench/engine_bench.py,
+serve_bench.py, compare.py, affinity.py, fairness.py and capacity.py."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from bench import affinity, compare, engine_bench, fairness, serve_bench
+from bench import affinity, capacity, compare, engine_bench, fairness, serve_bench
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     fairness_parser = modes.add_parser("fairness", help="one heavy user against one light user (issue 16)")
     fairness.add_arguments(fairness_parser)
     fairness_parser.set_defaults(handler=fairness.main)
+    capacity_parser = modes.add_parser(
+        "capacity", help="one instance's concurrency within TTFT/TPOT targets, and instances for N analysts"
+    )
+    capacity.add_arguments(capacity_parser)
+    capacity_parser.set_defaults(handler=capacity.main)
     compare_parser = modes.add_parser(
         "compare", help="bare vllm serve, Zeus engine vllm and Zeus engine builtin, one after the other"
     )

@@ -184,7 +184,7 @@ async def admit(state: ZeusState, *, user_id: int, api_key_id: int | None) -> Ad
     access = state.access
     remembered = access.remembered_refusal(user_id, api_key_id)
     if remembered is not None:
-        state.metrics.rejected.labels(remembered.reason).inc()
+        state.metrics.reject(remembered.reason)
         raise remembered
     held = tuple(access.held_leases)
 
@@ -206,7 +206,7 @@ async def admit(state: ZeusState, *, user_id: int, api_key_id: int | None) -> Ad
     try:
         lease_id = await anyio.to_thread.run_sync(take_lease)
     except AccessRefused as error:
-        state.metrics.rejected.labels(error.reason).inc()
+        state.metrics.reject(error.reason)
         access.remember_refusal(user_id, api_key_id, error)
         raise
     access.held_leases.add(lease_id)
@@ -217,7 +217,7 @@ async def admit(state: ZeusState, *, user_id: int, api_key_id: int | None) -> Ad
         except BaseException as error:
             admission.release()
             if isinstance(error, AccessRefused):
-                state.metrics.rejected.labels(error.reason).inc()
+                state.metrics.reject(error.reason)
             raise
         admission._gated = True
     return admission

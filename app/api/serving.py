@@ -125,7 +125,7 @@ def submit_one(state: ZeusState, request: GenerationRequest) -> RequestStream:
     try:
         return state.engine.submit(request)
     except EngineFullError as error:
-        state.metrics.rejected.labels("full").inc()
+        state.metrics.reject("full")
         raise ApiError(
             429,
             f"server busy: {error}",
@@ -133,7 +133,7 @@ def submit_one(state: ZeusState, request: GenerationRequest) -> RequestStream:
             headers={"Retry-After": str(max(1, error.retry_after_s))},
         ) from None
     except PromptTooLongError as error:
-        state.metrics.rejected.labels("prompt_too_long").inc()
+        state.metrics.reject("prompt_too_long")
         raise ApiError(
             400,
             # "maximum context length" is the phrase clients search for when the code is missing.
@@ -143,7 +143,7 @@ def submit_one(state: ZeusState, request: GenerationRequest) -> RequestStream:
             code="context_length_exceeded",
         ) from None
     except InvalidRequestError as error:
-        state.metrics.rejected.labels("invalid").inc()
+        state.metrics.reject("invalid")
         raise ApiError(400, str(error), param=error.param, code="invalid_value") from None
     except EngineClosedError as error:
         raise ApiError(503, f"engine not accepting requests: {error}", headers={"Retry-After": "5"}) from None

@@ -117,6 +117,8 @@ class _Sequence:
     output: RequestOutput
     generator: torch.Generator | None
     prefilled: int = 0
+    # When the scheduler took it from the queue into the batch (vllm:request_queue_time_seconds).
+    scheduled_at: float | None = None
     staged: StagedKV | None = None  # keys/values of a prompt prefilled in chunks so far
     output_ids: list[int] = field(default_factory=list)
     first_token_at: float | None = None
@@ -542,7 +544,8 @@ class InferenceEngine:
         started = time.monotonic()
         tokens_before = self._tokens_total
         self._drop_cancelled()
-        self._scheduler.admit()
+        for sequence in self._scheduler.admit():
+            sequence.scheduled_at = started
         ready = self._prefill()
         if ready:
             self._join(ready)
@@ -889,6 +892,7 @@ class InferenceEngine:
             error=error,
             token_ids=tuple(sequence.output_ids),
             logprobs=tuple(sequence.output.logprobs),
+            queue_s=None if sequence.scheduled_at is None else sequence.scheduled_at - sequence.submitted_at,
         )
         sequence.staged = None
         sequence.stream.finished = True

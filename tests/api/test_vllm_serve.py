@@ -76,7 +76,11 @@ def test_health_and_metrics_show_the_vllm_engine(vllm_server: LiveServer) -> Non
     assert health["engine"]["kind"] == "vllm" and health["engine"]["dtype"] == "bfloat16"
     assert health["engine"]["tensor_parallel_size"] == 1
     metrics = httpx.get(f"{vllm_server.base_url}/metrics", timeout=10).text
-    assert "zeus:kv_cache_usage_perc" in metrics and "zeus:prefix_cache_hit_rate" in metrics
+    assert "vllm:kv_cache_usage_perc{model_name=" in metrics and "zeus:prefix_cache_hit_rate" in metrics
+    assert "vllm:time_to_first_token_seconds_count{model_name=" in metrics
+    # The earlier test's generation: vLLM's queue time reached the same histogram as the built-in's.
+    assert "vllm:request_queue_time_seconds_count" in metrics
+    assert "vllm:inter_token_latency_seconds_count" in metrics
     # vLLM's counters under vLLM's names, as `bench serve --metrics-urls` reads them.
     samples = {
         sample.name: sample.value
@@ -87,4 +91,3 @@ def test_health_and_metrics_show_the_vllm_engine(vllm_server: LiveServer) -> Non
     assert set(samples) == {"vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total"}, samples
     assert 0 <= samples["vllm:prefix_cache_hits_total"] <= samples["vllm:prefix_cache_queries_total"]
     assert samples["vllm:prefix_cache_queries_total"] > 0
-    assert "zeus:time_to_first_token_seconds_count" in metrics

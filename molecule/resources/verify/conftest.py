@@ -6,6 +6,9 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+import testinfra
+import testinfra.host
+from monitoring import Monitoring
 from zeus_hosts import Deployment, create_api_key, create_user, login, wait_until
 
 
@@ -52,3 +55,20 @@ def model_id(deployment: Deployment, api_key: str) -> str:
         response = client.get("/api/v1/models", headers={"Authorization": f"Bearer {api_key}"})
     assert response.status_code == 200, f"/api/v1/models answered {response.status_code}: {response.text}"
     return response.json()["data"][0]["id"]
+
+
+@pytest.fixture(scope="session")
+def monitoring(deployment: Deployment) -> Monitoring:
+    """Prometheus and Alertmanager of the monitoring host; skips the check when the inventory has none."""
+    if deployment.monitoring_host is None:
+        pytest.skip("the inventory has no monitoring group")
+    return Monitoring(deployment.addresses[deployment.monitoring_host])
+
+
+@pytest.fixture(scope="session")
+def hosts(deployment: Deployment) -> dict[str, testinfra.host.Host]:
+    """testinfra hosts by container name, through its podman backend (one podman exec per check)."""
+    names = {deployment.lb_host, deployment.db_host, *deployment.model_hosts}
+    if deployment.monitoring_host is not None:
+        names.add(deployment.monitoring_host)
+    return {name: testinfra.get_host(f"podman://{name}") for name in sorted(names)}

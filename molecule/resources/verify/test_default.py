@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import httpx
 import openai
-from zeus_hosts import Deployment, stream_chat_message
+import pytest
+import testinfra.host
+from monitoring import Monitoring
+from zeus_hosts import CommandFailed, Deployment, run_on, stream_chat_message, wait_until
 
 INSTANCES_PER_HOST = 2
 
@@ -98,3 +102,96 @@ def test_the_official_openai_client_streams_through_nginx(
 
     assert text.strip(), "the OpenAI client received no text"
     assert usage is not None and 0 < usage.completion_tokens <= 16, usage
+
+
+# --- monitoring (group monitoring on the lb host) -------------------------------------------------
+EXPORTERS = {
+    "prometheus-node-exporter": "every host",
+    "prometheus-postgres-exporter": "db",
+    "prometheus-nginx-exporter": "lb",
+}
+
+
+def test_monitoring_services_run_where_the_inventory_puts_them(
+    deployment: Deployment, hosts: dict[str, testinfra.host.Host], monitoring: Monitoring
+) -> None:
+    # `monitoring` skips this check where the inventory has no monitoring group (no exporters then).
+    for name, host in hosts.items():
+        wanted = {"prometheus-node-exporter"}
+        if name == deployment.db_host:
+            wanted.add("prometheus-postgres-exporter")
+        if name == deployment.lb_host:
+            wanted.add("prometheus-nginx-exporter")
+        if name == deployment.monitoring_host:
+            wanted |= {"prometheus", "prometheus-alertmanager"}
+        for service in sorted(wanted):
+            assert host.service(service).is_running, f"{name}: {service} is not running"
+            assert host.service(service).is_enabled, f"{name}: {service} is not enabled"
+
+
+def test_prometheus_scrapes_every_instance_and_exporter(
+    deployment: Deployment, monitoring: Monitoring
+) -> None:
+    # Exporters started moments ago: give every target a few scrapes to come up.
+    wait_until(lambda: not monitoring.not_up(), timeout=60, what="every Prometheus target to be up")
+    assert monitoring.target_addresses("zeus") == deployment.unit_endpoints()
+    jobs = Counter(target["labels"]["job"] for target in monitoring.targets())
+    assert jobs == {
+        "zeus": INSTANCES_PER_HOST * len(deployment.model_hosts),
+        "node": len({deployment.lb_host, deployment.db_host, *deployment.model_hosts}),
+        "postgres": 1,
+        "nginx": 1,
+        "prometheus": 1,
+        "alertmanager": 1,
+    }, jobs
+
+
+def test_a_stopped_instance_fires_its_alert(
+    deployment: Deployment, monitoring: Monitoring, hosts: dict[str, testinfra.host.Host]
+) -> None:
+    host = deployment.model_hosts[-1]
+    port = deployment.units(host)[-1].port
+    instance = f"{deployment.addresses[host]}:{port}"
+    assert not monitoring.firing("ZeusInstanceDown"), "an instance-down alert fired before any stop"
+    hosts[host].check_output(f"systemctl stop zeus-api@{port}.service")
+    try:
+        # Scrape and rule intervals of 5 s and `for: 15s` (the scenarios' group_vars/monitoring).
+        alerts = wait_until(
+            lambda: [a for a in monitoring.firing("ZeusInstanceDown") if a["labels"]["instance"] == instance],
+            timeout=120,
+            what=f"Alertmanager to hold ZeusInstanceDown for {instance}",
+        )
+        assert alerts[0]["labels"]["severity"] == "critical", alerts
+    finally:
+        hosts[host].check_output(f"systemctl start zeus-api@{port}.service")
+    wait_until(
+        lambda: not monitoring.not_up(),
+        timeout=180,
+        what=f"{instance} to be scraped again after its restart",
+    )
+
+
+def test_a_bad_postgresql_setting_stops_the_play_and_the_server_stays_up(deployment: Deployment) -> None:
+    started_before = deployment.sql("SELECT pg_postmaster_start_time()")
+    model_addresses = sorted(deployment.addresses[host] for host in deployment.model_hosts)
+    extra = json.dumps(
+        {
+            "postgresql_client_addresses": model_addresses,
+            "postgresql_app_connections": 40,
+            "postgresql_settings": {"work_mem": "lots"},
+        }
+    )
+    with pytest.raises(CommandFailed) as failure:
+        deployment.run_playbook(
+            "molecule/resources/postgresql-role.yml", extra, log_name="postgresql-bad-setting"
+        )
+    message = " ".join(str(failure.value).split())
+    assert 'invalid value for parameter "work_mem": "lots"' in message, message[-3000:]
+    assert "the previous files are back" in message
+    # Neither restarted nor reloaded, and the file on disk is the previous one again.
+    assert deployment.sql("SELECT pg_postmaster_start_time()") == started_before
+    assert deployment.sql("SHOW work_mem") != "lots"
+    settings = run_on(deployment.db_host, "sh", "-c", "cat /etc/postgresql/*/main/conf.d/zeus.conf")
+    assert "work_mem" not in settings, settings
+    with deployment.client(timeout=10) as client:
+        assert client.get("/api/health").json()["db"] == "ok"

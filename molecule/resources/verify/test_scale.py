@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 
 from loadgen import LoadGenerator, summarize
-from zeus_hosts import Deployment
+from monitoring import Monitoring
+from zeus_hosts import Deployment, wait_until
 
 STEPS = (4, 1, 2)
 
@@ -14,6 +15,9 @@ def test_scaling_under_streaming_load_fails_no_request(
     deployment: Deployment, api_key: str, model_id: str
 ) -> None:
     deployment.assert_units_match_upstream(2)
+    monitoring = (
+        Monitoring(deployment.addresses[deployment.monitoring_host]) if deployment.monitoring_host else None
+    )
     served_per_step: dict[int, int] = {}
     with LoadGenerator(deployment.base_url, api_key, model_id, concurrency=2) as load:
         time.sleep(3)
@@ -23,6 +27,13 @@ def test_scaling_under_streaming_load_fails_no_request(
                 "playbooks/scale.yml", f"instances={instances}", log_name=f"scale-to-{instances}"
             )
             deployment.assert_units_match_upstream(instances)
+            # Prometheus follows: it scrapes exactly the running instances (file_sd, no reload).
+            if monitoring is not None:
+                wait_until(
+                    lambda: monitoring.target_addresses("zeus") == deployment.unit_endpoints(),
+                    timeout=30,
+                    what=f"Prometheus's zeus targets to be the {instances} instances per host",
+                )
             served_per_step[instances] = sum(
                 1 for record in load.records() if record.ok and record.ended >= step_started
             )

@@ -103,6 +103,8 @@ class Deployment:
     lb_host: str
     db_host: str
     model_hosts: tuple[str, ...]
+    # None when the inventory has no monitoring group (the monitoring checks are then skipped).
+    monitoring_host: str | None
     admin_email: str
     admin_password: str
     db_name: str
@@ -134,11 +136,14 @@ class Deployment:
             lb_host=group("lb")[0],
             db_host=group("db")[0],
             model_hosts=tuple(group("model_servers")),
+            monitoring_host=(sorted(listed.get("monitoring", {}).get("hosts", [])) or [None])[0],
             admin_email=model_vars["zeus_api_admin_email"],
             admin_password=all_vars["vault_zeus_admin_password"],
             db_name=_group_vars("db")["postgresql_db_name"],
         )
-        for host in (deployment.lb_host, *deployment.model_hosts):
+        for host in {deployment.lb_host, *deployment.model_hosts} | (
+            {deployment.monitoring_host} if deployment.monitoring_host else set()
+        ):
             deployment.addresses[host] = container_address(host)
         return deployment
 

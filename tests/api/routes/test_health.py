@@ -97,15 +97,28 @@ async def test_metrics_use_vllm_names(zeus: Zeus, analyst: Member) -> None:
     def added(name: str) -> float:
         return samples[name] - before.get(name, 0.0)
 
-    # Each generation counted exactly once, whichever way it was answered (the engine's hooks).
-    assert added("zeus:generation_tokens_total") == 16
-    assert added('zeus:request_success_total{finished_reason="length"}') == 2
-    assert added("zeus:time_to_first_token_seconds_count") == 2
-    assert added("zeus:time_per_output_token_seconds_count") == 2
-    assert added("zeus:e2e_request_latency_seconds_count") == 2
-    assert added("zeus:iteration_tokens_sum") == 16
-    assert added("zeus:iteration_duration_seconds_count") >= 8
-    assert samples["zeus:num_requests_running"] == 0 and samples["zeus:num_requests_waiting"] == 0
+    model = f'model_name="{zeus.engine.model_name}"'
+    # Each generation counted exactly once, whichever way it was answered (the engine's hooks),
+    # under vLLM's names and its model_name label.
+    assert added(f"vllm:generation_tokens_total{{{model}}}") == 16
+    assert added(f'vllm:request_success_total{{finished_reason="length",{model}}}') == 2
+    for histogram in (
+        "vllm:time_to_first_token_seconds",
+        "vllm:request_time_per_output_token_seconds",
+        "vllm:e2e_request_latency_seconds",
+        "vllm:request_queue_time_seconds",
+        "vllm:request_prefill_time_seconds",
+        "vllm:request_decode_time_seconds",
+    ):
+        assert added(f"{histogram}_count{{{model}}}") == 2, histogram
+    # One inter-token gap per token after each generation's first.
+    assert added(f"vllm:inter_token_latency_seconds_count{{{model}}}") == 14
+    assert added(f"vllm:iteration_tokens_total_sum{{{model}}}") == 16
+    assert added(f"zeus:iteration_duration_seconds_count{{{model}}}") >= 8
+    assert samples[f"vllm:num_requests_running{{{model}}}"] == 0
+    assert samples[f"vllm:num_requests_waiting{{{model}}}"] == 0
+    assert samples[f"zeus:max_queue{{{model}}}"] == 4
+    assert not any(name.startswith("zeus:request_errors_total") and value for name, value in samples.items())
     assert (
         samples['zeus_http_requests_total{method="POST",route="/api/v1/chat/completions",status="200"}'] >= 1
     )
