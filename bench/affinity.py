@@ -86,7 +86,7 @@ def run(arguments: argparse.Namespace) -> dict[str, Any]:
     # The tokenizer stack first: torch's compiler registers sys.intern when it is imported, and the
     # Ansible templating that renders nginx's files replaces sys.intern with an object torch refuses
     # ("substitute_in_graph expects a function").
-    import transformers.generation  # noqa: F401
+    import torch._dynamo  # noqa: F401
 
     # The nginx runner of the deploy tests: the role's real templates, no copy of them here.
     from tests.deploy.nginx import start_nginx

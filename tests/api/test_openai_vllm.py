@@ -5,7 +5,8 @@ module shares one server).
 Covered: chat completions streamed and not, n > 1, logprobs / top_logprobs, seed reproducibility,
 stop strings, response_format json_object and json_schema (the reply parses / validates), tools with
 tool_choice "required" and a named function (finish_reason tool_calls, then the follow-up turn with
-the tool's result), tool calls streamed as OpenAI streams them (read with the client's own stream
+the tool's result), LangChain's structured output (json_schema and function calling), tool calls
+streamed as OpenAI streams them (read with the client's own stream
 accumulation), legacy completions, and vLLM's prefix-cache counters on /metrics read as
 `bench serve --workload chat` reads them.
 """
@@ -24,6 +25,8 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from langchain_openai import ChatOpenAI
+from pydantic import BaseModel, Field
 
 from bench.serve_bench import _scrape_prefix_cache
 from tests.inference.conftest import needs_vllm
@@ -393,3 +396,32 @@ def test_prefix_cache_counters_read_as_the_chat_benchmark_reads_them(
     assert after is not None and after[1] > before[1] and after[0] > before[0], (before, after)
     # The second request reused most of the first one's system prompt.
     assert (after[0] - before[0]) / (after[1] - before[1]) > 0.3
+
+
+class _Capital(BaseModel):
+    """What LangChain's structured output parses the reply into (short fields: the forced JSON
+    closes well within max_tokens)."""
+
+    city: str = Field(max_length=12)
+    is_capital: bool
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+def test_langchain_structured_output(server: LiveServer, model: str, method: str) -> None:
+    """LangChain's ChatOpenAI, as users' programs call it: with_structured_output through
+    response_format json_schema, and through a forced tool call, both decoded by vLLM's guided
+    decoding, come back as the Pydantic object."""
+    chat_model = ChatOpenAI(
+        model=model,
+        base_url=f"{server.base_url}/api/v1",
+        api_key=server.analyst.api_key,
+        max_tokens=60,
+        temperature=0,
+        max_retries=0,
+        timeout=300,
+    )
+    answer = chat_model.with_structured_output(_Capital, method=method).invoke(
+        "Is Paris the capital of France? Answer with the city and whether it is the capital."
+    )
+    assert isinstance(answer, _Capital)
+    assert answer.city
