@@ -44,6 +44,9 @@ from app.inference.types import SamplingParams
 
 # How many of each sampled row's best tokens the common path looks at (see the module docstring).
 _CANDIDATES = 256
+# On the CPU, rows whose kept set reaches past those try this many before a full sort: a top-k of
+# 4096 out of SmolLM2's 49152 costs about a fifth of sorting the row.
+_WIDER_CANDIDATES = 4096
 # vLLM raises smaller temperatures to this (sampling_params.py: _MAX_TEMP... "maxed it out to 0.01"):
 # dividing logits by less overflows float32 to infinity, and the probabilities become NaN.
 MIN_TEMPERATURE = 0.01
@@ -301,10 +304,24 @@ def _sample_plain(scores: torch.Tensor, rows: Sequence[SamplingRow], group: _Gro
 
 def _sample_truncated(scores: torch.Tensor, rows: Sequence[SamplingRow], group: _Group) -> torch.Tensor:
     """Rows with top_k or top_p: the race runs over each row's best candidates (module docstring)."""
+    return _sample_candidates(scores / group.temperature, rows, group, _CANDIDATES)
+
+
+def _sample_candidates(
+    scores: torch.Tensor,
+    rows: Sequence[SamplingRow],
+    group: _Group,
+    candidates: int,
+    full_normaliser: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """scores: [n, vocab], temperature applied; the race over each row's best `candidates` tokens.
+
+    A row whose kept set reaches past them goes on to _WIDER_CANDIDATES, then to a full sort.
+    full_normaliser: [n, 1] the rows' log-normaliser over their min_p-masked row, when known.
+    """
     count, vocab = scores.shape
     device = scores.device
-    scores = scores / group.temperature
-    candidates = min(_CANDIDATES, vocab)
+    candidates = min(candidates, vocab)
     values, ids = scores.topk(candidates, dim=-1)
     ranks = torch.arange(candidates, device=device)
     within_candidates = (group.top_k > 0) & (group.top_k <= candidates)
@@ -320,13 +337,16 @@ def _sample_truncated(scores: torch.Tensor, rows: Sequence[SamplingRow], group: 
         kept_values = values.masked_fill(~keep, -math.inf)
         normaliser = torch.logsumexp(kept_values, dim=-1, keepdim=True)
         if not group.all_within_candidates:
-            full = scores.masked_fill(scores < floor, -math.inf) if group.any_min_p else scores
-            normaliser = torch.where(within_candidates, normaliser, torch.logsumexp(full, -1, keepdim=True))
+            if full_normaliser is None:
+                full_normaliser = _log_normaliser(scores, values[:, :1], floor if group.any_min_p else None)
+            normaliser = torch.where(within_candidates, normaliser, full_normaliser)
         probabilities = (kept_values - normaliser).exp()
         before = probabilities.cumsum(dim=-1) - probabilities
         keep &= (before < group.top_p) | (ranks == 0)
-    # The candidates hold the whole kept set when their last one is dropped, or top_k kept no more.
-    covered = (within_candidates | ~keep[:, -1:]).squeeze(1)
+    # The candidates hold the whole kept set when top_k kept no more, or their last one is dropped
+    # with the right normaliser: not so for a top_k past them, whose normaliser above was the
+    # whole row's (too large: top_p would keep too many), so such a row goes on.
+    covered = (within_candidates | (~keep[:, -1:] & (group.top_k == 0))).squeeze(1)
     race = values.masked_fill(~keep, -math.inf) + _noise((count, candidates), rows, device)
     tokens = ids.gather(1, race.argmax(dim=-1, keepdim=True)).squeeze(1)
     if group.all_within_candidates:
@@ -337,19 +357,43 @@ def _sample_truncated(scores: torch.Tensor, rows: Sequence[SamplingRow], group: 
         return torch.where(covered, tokens, _sample_sorted(scores, rows, group))
     if bool(covered.all()):
         return tokens
-    # Rare on the CPU: a row whose kept set reaches past the candidates (a flat distribution).
-    # The race above drew from its generator too; whether a row comes here depends on that row
-    # alone, so a seeded row still draws the same sequence every time.
+    # On the CPU: a row whose kept set reaches past the candidates (a flat distribution: with
+    # made-up prompts at temperature 0.7 / top_p 0.95, about one step in two has one) tries a
+    # wider top-k, which costs a fraction of a full sort, and is sorted only if that is not enough.
+    # Each try drew from the row's generator; whether a row goes on depends on that row alone, so
+    # a seeded row still draws the same sequence every time.
     uncovered = torch.nonzero(~covered).flatten()
+    top_k = group.top_k.index_select(0, uncovered)
+    wider = _WIDER_CANDIDATES if candidates < _WIDER_CANDIDATES < vocab else 0
     subset = dataclasses.replace(
         group,
         temperature=group.temperature.index_select(0, uncovered),
         top_p=group.top_p.index_select(0, uncovered),
-        top_k=group.top_k.index_select(0, uncovered),
+        top_k=top_k,
         min_p_log=group.min_p_log.index_select(0, uncovered),
+        all_within_candidates=bool(((top_k > 0) & (top_k <= wider)).all()),
     )
-    chosen = _sample_sorted(scores.index_select(0, uncovered), [rows[i] for i in uncovered.tolist()], subset)
+    subset_scores = scores.index_select(0, uncovered)
+    subset_rows = [rows[i] for i in uncovered.tolist()]
+    if wider:
+        if full_normaliser is not None:
+            full_normaliser = full_normaliser.index_select(0, uncovered)
+        chosen = _sample_candidates(subset_scores, subset_rows, subset, wider, full_normaliser)
+    else:
+        chosen = _sample_sorted(subset_scores, subset_rows, subset)
     return tokens.index_copy(0, uncovered, chosen)
+
+
+def _log_normaliser(scores: torch.Tensor, row_max: torch.Tensor, floor: torch.Tensor | None) -> torch.Tensor:
+    """log(sum(exp(scores))) per row over the tokens at or above `floor`: [n, vocab] -> [n, 1].
+
+    row_max: [n, 1] the rows' largest score (the top-k already has it). torch.logsumexp would
+    find it again and allocate at every step; on the CPU this costs half as much.
+    """
+    shifted = scores - row_max
+    if floor is not None:
+        shifted.masked_fill_(scores < floor, -math.inf)
+    return shifted.exp_().sum(dim=-1, keepdim=True).log_().add_(row_max)
 
 
 def _sample_sorted(scores: torch.Tensor, rows: Sequence[SamplingRow], group: _Group) -> torch.Tensor:
