@@ -120,6 +120,7 @@ class _BatchSettings:
     """Per-row settings as tensors, built once for a given list of rows (the batch changes rarely)."""
 
     greedy_only: bool  # every row greedy, no bias, no penalties: one argmax
+    any_greedy: bool
     # Sampled rows without top_k / top_p race over the whole vocabulary; the others over their
     # best candidates. Which path a row takes depends on its own settings only (seeded rows).
     plain: _Group | None
@@ -153,19 +154,27 @@ class Sampler:
             tokens = torch.where(torch.isfinite(chosen), tokens, INVALID_TOKEN)
             return SampleOutput(tokens, _logprobs(logits, tokens, settings))
         scores = logits.float()
-        if scores is logits:
-            scores = scores.clone()
+        if scores is logits and (settings.bias is not None or settings.penalty_rows):
+            scores = scores.clone()  # changed in place below; the caller's logits stay raw
         broken = ~torch.isfinite(scores.amax(dim=-1))
         if settings.bias is not None:
             bias_rows, bias_ids, bias_values = settings.bias
             scores.index_put_((bias_rows, bias_ids), bias_values, accumulate=True)
         if settings.penalty_rows:
             _apply_penalties(scores, rows, settings.penalty_rows, self.vocab_size)
-        tokens = scores.argmax(dim=-1)
+        # Greedy rows' tokens; every row is sampled at the chat page's defaults, so skip the pass then.
+        tokens = scores.argmax(dim=-1) if settings.any_greedy else None
         for group, sample in ((settings.plain, _sample_plain), (settings.truncated, _sample_truncated)):
-            if group is not None:
-                chosen = sample(scores.index_select(0, group.index), [rows[i] for i in group.rows], group)
-                tokens = tokens.index_copy(0, group.index, chosen)
+            if group is None:
+                continue
+            if len(group.rows) == len(rows):  # the whole batch, in order: no copy of its logits
+                tokens = sample(scores, rows, group)
+                continue
+            chosen = sample(scores.index_select(0, group.index), [rows[i] for i in group.rows], group)
+            if tokens is None:
+                tokens = torch.zeros(len(rows), dtype=torch.long, device=scores.device)
+            tokens = tokens.index_copy(0, group.index, chosen)
+        assert tokens is not None  # every row is greedy or in a group
         tokens = torch.where(broken, INVALID_TOKEN, tokens)
         return SampleOutput(tokens, _logprobs(logits, tokens, settings))
 
@@ -200,6 +209,7 @@ class Sampler:
             )
         return _BatchSettings(
             greedy_only=not sampled and not penalty_rows and not bias_entries,
+            any_greedy=len(sampled) < len(params),
             plain=self._group(plain, params),
             truncated=self._group(truncated, params),
             bias=bias,
