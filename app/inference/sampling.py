@@ -22,9 +22,10 @@ else shares the batch.
 
 No full sort in the common case: the best `_CANDIDATES` tokens of each sampled row (one top-k
 over the batch) hold the whole nucleus whenever top_k is at most that, or min_p or top_p already
-cut inside them (a chat model at temperature 0.7 / top_p 0.95 keeps a few dozen tokens). Only a
-row whose nucleus reaches past them (a flat distribution) is sorted in full; rows with no
-truncating filter draw over the whole vocabulary without sorting.
+cut inside them (a chat model at temperature 0.7 / top_p 0.95 keeps a few dozen tokens). On the
+CPU a row whose nucleus reaches past them (a flat distribution) tries the best
+`_WIDER_CANDIDATES` the same way, and only past those is sorted in full (on a GPU such rows are
+sorted at once); rows with no truncating filter draw over the whole vocabulary without sorting.
 
 Rows whose logits are not finite (a NaN or an infinity out of the model) get the token id -1:
 the caller ends that request alone.
