@@ -22,9 +22,10 @@ else shares the batch.
 
 No full sort in the common case: the best `_CANDIDATES` tokens of each sampled row (one top-k
 over the batch) hold the whole nucleus whenever top_k is at most that, or min_p or top_p already
-cut inside them (a chat model at temperature 0.7 / top_p 0.95 keeps a few dozen tokens). Only a
-row whose nucleus reaches past them (a flat distribution) is sorted in full; rows with no
-truncating filter draw over the whole vocabulary without sorting.
+cut inside them (a chat model at temperature 0.7 / top_p 0.95 keeps a few dozen tokens). On the
+CPU a row whose nucleus reaches past them (a flat distribution) tries the best
+`_WIDER_CANDIDATES` the same way, and only past those is sorted in full (on a GPU such rows are
+sorted at once); rows with no truncating filter draw over the whole vocabulary without sorting.
 
 Rows whose logits are not finite (a NaN or an infinity out of the model) get the token id -1:
 the caller ends that request alone.
@@ -44,6 +45,9 @@ from app.inference.types import SamplingParams
 
 # How many of each sampled row's best tokens the common path looks at (see the module docstring).
 _CANDIDATES = 256
+# On the CPU, rows whose kept set reaches past those try this many before a full sort: a top-k of
+# 4096 out of SmolLM2's 49152 costs about a fifth of sorting the row.
+_WIDER_CANDIDATES = 4096
 # vLLM raises smaller temperatures to this (sampling_params.py: _MAX_TEMP... "maxed it out to 0.01"):
 # dividing logits by less overflows float32 to infinity, and the probabilities become NaN.
 MIN_TEMPERATURE = 0.01
@@ -117,6 +121,7 @@ class _BatchSettings:
     """Per-row settings as tensors, built once for a given list of rows (the batch changes rarely)."""
 
     greedy_only: bool  # every row greedy, no bias, no penalties: one argmax
+    any_greedy: bool
     # Sampled rows without top_k / top_p race over the whole vocabulary; the others over their
     # best candidates. Which path a row takes depends on its own settings only (seeded rows).
     plain: _Group | None
@@ -150,19 +155,27 @@ class Sampler:
             tokens = torch.where(torch.isfinite(chosen), tokens, INVALID_TOKEN)
             return SampleOutput(tokens, _logprobs(logits, tokens, settings))
         scores = logits.float()
-        if scores is logits:
-            scores = scores.clone()
+        if scores is logits and (settings.bias is not None or settings.penalty_rows):
+            scores = scores.clone()  # changed in place below; the caller's logits stay raw
         broken = ~torch.isfinite(scores.amax(dim=-1))
         if settings.bias is not None:
             bias_rows, bias_ids, bias_values = settings.bias
             scores.index_put_((bias_rows, bias_ids), bias_values, accumulate=True)
         if settings.penalty_rows:
             _apply_penalties(scores, rows, settings.penalty_rows, self.vocab_size)
-        tokens = scores.argmax(dim=-1)
+        # Greedy rows' tokens; every row is sampled at the chat page's defaults, so skip the pass then.
+        tokens = scores.argmax(dim=-1) if settings.any_greedy else None
         for group, sample in ((settings.plain, _sample_plain), (settings.truncated, _sample_truncated)):
-            if group is not None:
-                chosen = sample(scores.index_select(0, group.index), [rows[i] for i in group.rows], group)
-                tokens = tokens.index_copy(0, group.index, chosen)
+            if group is None:
+                continue
+            if len(group.rows) == len(rows):  # the whole batch, in order: no copy of its logits
+                tokens = sample(scores, rows, group)
+                continue
+            chosen = sample(scores.index_select(0, group.index), [rows[i] for i in group.rows], group)
+            if tokens is None:
+                tokens = torch.zeros(len(rows), dtype=torch.long, device=scores.device)
+            tokens = tokens.index_copy(0, group.index, chosen)
+        assert tokens is not None  # every row is greedy or in a group
         tokens = torch.where(broken, INVALID_TOKEN, tokens)
         return SampleOutput(tokens, _logprobs(logits, tokens, settings))
 
@@ -197,6 +210,7 @@ class Sampler:
             )
         return _BatchSettings(
             greedy_only=not sampled and not penalty_rows and not bias_entries,
+            any_greedy=len(sampled) < len(params),
             plain=self._group(plain, params),
             truncated=self._group(truncated, params),
             bias=bias,
@@ -301,10 +315,24 @@ def _sample_plain(scores: torch.Tensor, rows: Sequence[SamplingRow], group: _Gro
 
 def _sample_truncated(scores: torch.Tensor, rows: Sequence[SamplingRow], group: _Group) -> torch.Tensor:
     """Rows with top_k or top_p: the race runs over each row's best candidates (module docstring)."""
+    return _sample_candidates(scores / group.temperature, rows, group, _CANDIDATES)
+
+
+def _sample_candidates(
+    scores: torch.Tensor,
+    rows: Sequence[SamplingRow],
+    group: _Group,
+    candidates: int,
+    full_normaliser: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """scores: [n, vocab], temperature applied; the race over each row's best `candidates` tokens.
+
+    A row whose kept set reaches past them goes on to _WIDER_CANDIDATES, then to a full sort.
+    full_normaliser: [n, 1] the rows' log-normaliser over their min_p-masked row, when known.
+    """
     count, vocab = scores.shape
     device = scores.device
-    scores = scores / group.temperature
-    candidates = min(_CANDIDATES, vocab)
+    candidates = min(candidates, vocab)
     values, ids = scores.topk(candidates, dim=-1)
     ranks = torch.arange(candidates, device=device)
     within_candidates = (group.top_k > 0) & (group.top_k <= candidates)
@@ -320,13 +348,16 @@ def _sample_truncated(scores: torch.Tensor, rows: Sequence[SamplingRow], group: 
         kept_values = values.masked_fill(~keep, -math.inf)
         normaliser = torch.logsumexp(kept_values, dim=-1, keepdim=True)
         if not group.all_within_candidates:
-            full = scores.masked_fill(scores < floor, -math.inf) if group.any_min_p else scores
-            normaliser = torch.where(within_candidates, normaliser, torch.logsumexp(full, -1, keepdim=True))
+            if full_normaliser is None:
+                full_normaliser = _log_normaliser(scores, values[:, :1], floor if group.any_min_p else None)
+            normaliser = torch.where(within_candidates, normaliser, full_normaliser)
         probabilities = (kept_values - normaliser).exp()
         before = probabilities.cumsum(dim=-1) - probabilities
         keep &= (before < group.top_p) | (ranks == 0)
-    # The candidates hold the whole kept set when their last one is dropped, or top_k kept no more.
-    covered = (within_candidates | ~keep[:, -1:]).squeeze(1)
+    # The candidates hold the whole kept set when top_k kept no more, or their last one is dropped
+    # with the right normaliser: not so for a top_k past them, whose normaliser above was the
+    # whole row's (too large: top_p would keep too many), so such a row goes on.
+    covered = (within_candidates | (~keep[:, -1:] & (group.top_k == 0))).squeeze(1)
     race = values.masked_fill(~keep, -math.inf) + _noise((count, candidates), rows, device)
     tokens = ids.gather(1, race.argmax(dim=-1, keepdim=True)).squeeze(1)
     if group.all_within_candidates:
@@ -337,19 +368,43 @@ def _sample_truncated(scores: torch.Tensor, rows: Sequence[SamplingRow], group: 
         return torch.where(covered, tokens, _sample_sorted(scores, rows, group))
     if bool(covered.all()):
         return tokens
-    # Rare on the CPU: a row whose kept set reaches past the candidates (a flat distribution).
-    # The race above drew from its generator too; whether a row comes here depends on that row
-    # alone, so a seeded row still draws the same sequence every time.
+    # On the CPU: a row whose kept set reaches past the candidates (a flat distribution: with
+    # made-up prompts at temperature 0.7 / top_p 0.95, about one step in two has one) tries a
+    # wider top-k, which costs a fraction of a full sort, and is sorted only if that is not enough.
+    # Each try drew from the row's generator; whether a row goes on depends on that row alone, so
+    # a seeded row still draws the same sequence every time.
     uncovered = torch.nonzero(~covered).flatten()
+    top_k = group.top_k.index_select(0, uncovered)
+    wider = _WIDER_CANDIDATES if candidates < _WIDER_CANDIDATES < vocab else 0
     subset = dataclasses.replace(
         group,
         temperature=group.temperature.index_select(0, uncovered),
         top_p=group.top_p.index_select(0, uncovered),
-        top_k=group.top_k.index_select(0, uncovered),
+        top_k=top_k,
         min_p_log=group.min_p_log.index_select(0, uncovered),
+        all_within_candidates=bool(((top_k > 0) & (top_k <= wider)).all()),
     )
-    chosen = _sample_sorted(scores.index_select(0, uncovered), [rows[i] for i in uncovered.tolist()], subset)
+    subset_scores = scores.index_select(0, uncovered)
+    subset_rows = [rows[i] for i in uncovered.tolist()]
+    if wider:
+        if full_normaliser is not None:
+            full_normaliser = full_normaliser.index_select(0, uncovered)
+        chosen = _sample_candidates(subset_scores, subset_rows, subset, wider, full_normaliser)
+    else:
+        chosen = _sample_sorted(subset_scores, subset_rows, subset)
     return tokens.index_copy(0, uncovered, chosen)
+
+
+def _log_normaliser(scores: torch.Tensor, row_max: torch.Tensor, floor: torch.Tensor | None) -> torch.Tensor:
+    """log(sum(exp(scores))) per row over the tokens at or above `floor`: [n, vocab] -> [n, 1].
+
+    row_max: [n, 1] the rows' largest score (the top-k already has it). torch.logsumexp would
+    find it again and allocate at every step; on the CPU this costs half as much.
+    """
+    shifted = scores - row_max
+    if floor is not None:
+        shifted.masked_fill_(scores < floor, -math.inf)
+    return shifted.exp_().sum(dim=-1, keepdim=True).log_().add_(row_max)
 
 
 def _sample_sorted(scores: torch.Tensor, rows: Sequence[SamplingRow], group: _Group) -> torch.Tensor:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from app.inference import sampling
 from app.inference.sampling import INVALID_TOKEN, Sampler, make_generator
 from app.inference.types import SamplingParams
 
@@ -91,13 +92,38 @@ CASES = {
     "everything": SamplingParams(temperature=1.2, top_p=0.8, top_k=20, min_p=0.01),
     "tiny top_p": SamplingParams(temperature=1.0, top_p=1e-9),
     "tiny temperature": SamplingParams(temperature=0.01, top_p=0.9),
+    # top_p's normaliser is over the 400 best, not the whole row (which would keep too many).
+    "top_k beyond the candidates with top_p": SamplingParams(temperature=1.0, top_k=400, top_p=0.6),
 }
 
 
-@pytest.mark.parametrize("logits_kind", ["peaked", "flat"])
+def two_level_logits(seed: int, high: int) -> torch.Tensor:
+    """`high` likely tokens (+3) over a tail of equal ones: the nucleus ends past the first candidates."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(1, VOCAB, generator=generator) * 0.01
+    logits[:, :high] += 3
+    return logits[:, torch.randperm(VOCAB, generator=generator)]
+
+
+LOGITS = {
+    "peaked": lambda: peaked_logits(1),
+    "flat": lambda: flat_logits(2),
+    # 300 tokens hold 95% of the mass: past the first 256 candidates, within the wider ones.
+    "two-level": lambda: two_level_logits(3, 300),
+}
+
+
+@pytest.fixture
+def wider_candidates_within_vocab(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wider top-k is 4096 (more than VOCAB): 500 here, so that the tests go through it."""
+    monkeypatch.setattr(sampling, "_WIDER_CANDIDATES", 500)
+
+
+@pytest.mark.parametrize("logits_kind", list(LOGITS))
 @pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.usefixtures("wider_candidates_within_vocab")
 def test_sampled_frequencies_follow_the_reference(name: str, logits_kind: str) -> None:
-    logits = peaked_logits(1) if logits_kind == "peaked" else flat_logits(2)
+    logits = LOGITS[logits_kind]()
     row = Row(CASES[name])
     expected = reference_probabilities(logits[0], row)
     draws = 4000
