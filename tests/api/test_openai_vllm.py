@@ -8,7 +8,8 @@ tool_choice "required" and a named function (finish_reason tool_calls, then the 
 the tool's result), LangChain's structured output (json_schema and function calling), tool calls
 streamed as OpenAI streams them (read with the client's own stream
 accumulation), legacy completions, and vLLM's prefix-cache counters on /metrics read as
-`bench serve --workload chat` reads them.
+`bench serve --workload chat` reads them; /api/health and /metrics showing the engine; and a clean
+shutdown of the server and vLLM's engine core.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import jsonschema
 import openai
 import pytest
 from langchain_openai import ChatOpenAI
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, Field
 
 from bench.serve_bench import _scrape_prefix_cache
@@ -84,6 +86,8 @@ def server(
     finally:
         # uvicorn re-raises the SIGTERM it handled once shut down: -15 is a clean stop too.
         assert server.stop() in (0, -signal.SIGTERM), server.log()[-3000:]
+        log = server.log()
+        assert "Application shutdown complete" in log and "MPClient: complete" in log, log[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -425,3 +429,50 @@ def test_langchain_structured_output(server: LiveServer, model: str, method: str
     )
     assert isinstance(answer, _Capital)
     assert answer.city
+
+
+def test_openai_client_streams_a_reply_from_the_vllm_engine(server: LiveServer) -> None:
+    client = openai.OpenAI(
+        base_url=f"{server.base_url}/api/v1", api_key=server.analyst.api_key, max_retries=0
+    )
+    model = client.models.list().data[0].id
+    stream = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, usage, chunks = "", None, 0
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        elif chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+            chunks += 1
+    assert "Paris" in text and chunks > 1, text
+    assert usage is not None and 0 < usage.completion_tokens <= 24
+
+
+def test_health_and_metrics_show_the_vllm_engine(server: LiveServer) -> None:
+    health = httpx.get(f"{server.base_url}/api/health", timeout=10).json()
+    assert health["status"] == "ok"
+    assert health["engine"]["kind"] == "vllm" and health["engine"]["dtype"] == "bfloat16"
+    assert health["engine"]["tensor_parallel_size"] == 1
+    metrics = httpx.get(f"{server.base_url}/metrics", timeout=10).text
+    assert "vllm:kv_cache_usage_perc{model_name=" in metrics and "zeus:prefix_cache_hit_rate" in metrics
+    assert "vllm:time_to_first_token_seconds_count{model_name=" in metrics
+    # The earlier tests' generations: vLLM's queue time reached the same histogram as the built-in's.
+    assert "vllm:request_queue_time_seconds_count" in metrics
+    assert "vllm:inter_token_latency_seconds_count" in metrics
+    # vLLM's counters under vLLM's names, as `bench serve --metrics-urls` reads them.
+    samples = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name.startswith("vllm:prefix_cache_")
+    }
+    assert set(samples) == {"vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total"}, samples
+    assert 0 <= samples["vllm:prefix_cache_hits_total"] <= samples["vllm:prefix_cache_queries_total"]
+    assert samples["vllm:prefix_cache_queries_total"] > 0
