@@ -78,6 +78,7 @@ from app.inference.types import (
     SamplingParams,
     TextDelta,
     TokenLogprob,
+    notify_observer,
 )
 
 logger = logging.getLogger(__name__)
@@ -960,9 +961,4 @@ class InferenceEngine:
             stream._deliver(item)
 
     def _notify(self, hook: str, *args: Any) -> None:
-        if self.observer is None:
-            return
-        try:
-            getattr(self.observer, hook)(*args)
-        except Exception:
-            logger.exception("engine observer hook %s failed", hook)
+        notify_observer(self.observer, hook, *args)

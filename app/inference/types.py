@@ -6,8 +6,11 @@ the benchmark, the tests). It imports neither torch nor FastAPI.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+logger = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
@@ -160,6 +163,17 @@ class EngineObserver:
 
     def on_request_finished(self, result: GenerationResult) -> None:
         """A request ended (any finish reason). TPOT = decode_s / (completion_tokens - 1)."""
+
+
+def notify_observer(observer: EngineObserver | None, hook: str, *args: Any) -> None:
+    """Calls `observer.<hook>(*args)` for an engine; an exception raised by the hook is logged
+    and ignored (EngineObserver's rule: metrics never fail a generation)."""
+    if observer is None:
+        return
+    try:
+        getattr(observer, hook)(*args)
+    except Exception:
+        logger.exception("engine observer hook %s failed", hook)
 
 
 class EngineError(Exception):

@@ -58,6 +58,7 @@ from app.inference.types import (
     SamplingParams,
     TextDelta,
     TokenLogprob,
+    notify_observer,
 )
 
 logger = logging.getLogger(__name__)
@@ -667,12 +668,7 @@ class VLLMEngine:
         self._notify("on_step", running, queued, new_tokens, step_s)
 
     def _notify(self, hook: str, *args: Any) -> None:
-        if self.observer is None:
-            return
-        try:
-            getattr(self.observer, hook)(*args)
-        except Exception:
-            logger.exception("engine observer hook %s failed", hook)
+        notify_observer(self.observer, hook, *args)
 
 
 class _ToolCallStream:
