@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import tempfile
 import time
@@ -72,16 +71,6 @@ def _start_instances(arguments: argparse.Namespace) -> list[tuple[subprocess.Pop
     return started
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def run(arguments: argparse.Namespace) -> dict[str, Any]:
     # The tokenizer stack first: torch's compiler registers sys.intern when it is imported, and the
     # Ansible templating that renders nginx's files replaces sys.intern with an object torch refuses
@@ -115,7 +104,7 @@ def run(arguments: argparse.Namespace) -> dict[str, Any]:
                 rows.append({**row, "system": f"nginx {mode}/{row['system']}", "mode": mode})
     finally:
         for process, _, _ in instances:
-            _stop(process)
+            compare._stop(process)
     skipped = ("handler", "database_url")
     settings = {key: str(value) for key, value in vars(arguments).items() if key not in skipped}
     return {

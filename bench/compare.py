@@ -146,6 +146,17 @@ def _wait_ready(process: subprocess.Popen[bytes], url: str, timeout_s: float, lo
     raise SystemExit(f"server not ready after {timeout_s} s; see {log}")
 
 
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (a server's graceful shutdown), SIGKILL after 60 s."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def _bench(arguments: argparse.Namespace, base_url: str, endpoint: str, api_key: str, *extra: str) -> dict:
     parser = argparse.ArgumentParser()
     serve_bench.add_arguments(parser)
@@ -191,12 +202,7 @@ def run(arguments: argparse.Namespace) -> dict[str, Any]:
             for row in single["results"] + chat["results"]:
                 rows.append({**row, "system": f"{system}/{row['system']}", "server": system})
         finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            _stop(process)
     settings = {
         key: str(value) for key, value in vars(arguments).items() if key not in ("handler", "database_url")
     }
