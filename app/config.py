@@ -113,9 +113,11 @@ class Settings(BaseSettings):
     login_max_failures_per_address: PositiveInt = 50
 
     # Fair share and quotas (app/access). Concurrent generations of one user across all instances,
-    # waiting ones included; admins override it per user and per API key. Below the fleet's
-    # batch (instances x ZEUS_MAX_BATCH_SIZE), one user cannot take every slot.
-    max_concurrent_per_user: PositiveInt = 8
+    # waiting ones included; admins override it per user and per API key. Half of one instance's
+    # batch (ZEUS_MAX_BATCH_SIZE 8): nginx's affinity sends one user's requests (one API key) to
+    # one instance, and a user holding that instance's whole batch would make every other user
+    # sent there wait for one of theirs to end (bench fairness: B's TTFT 44x idle at 8, 1.45x at 4).
+    max_concurrent_per_user: PositiveInt = 4
     # Token budgets (prompt + completion) per user, per UTC day and per UTC month; None: unlimited.
     # Admins set them per user and per API key, which takes precedence over these defaults.
     daily_token_budget: PositiveInt | None = None

@@ -221,8 +221,10 @@ class Received:
 class Upstream:
     """A real HTTP/1.1 server on 127.0.0.1 standing in for a Zeus instance. `behaviour` decides each
     answer after the whole request body was read: "ok" (200 JSON naming this upstream), "429" and
-    "503" (a refusal before any work, as a full or draining instance answers), "stall" (reads the
-    request, then answers nothing for stall_s). Every request it read is in `received`."""
+    "503" (a refusal before any work, as a full or draining instance answers), "429-heavy" (429 to
+    the API key "heavy", as every instance answers a user over a fleet-wide limit, "ok" to others),
+    "stall" (reads the request, then answers nothing for stall_s). Every request it read is in
+    `received`."""
 
     name: str
     behaviour: str = "ok"
@@ -262,6 +264,8 @@ class Upstream:
                 with upstream.lock:
                     upstream.received.append(Received(self.command, self.path, body, dict(self.headers)))
                 behaviour = upstream.behaviour
+                if behaviour == "429-heavy":
+                    behaviour = "429" if self.headers.get("Authorization") == "Bearer heavy" else "ok"
                 if behaviour == "stall":
                     time.sleep(upstream.stall_s)
                     self.close_connection = True

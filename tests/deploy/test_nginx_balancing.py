@@ -117,6 +117,27 @@ def test_the_last_refusal_reaches_the_client_unchanged(upstreams: list[Upstream]
     assert len(first.ids()) + len(second.ids()) == 2
 
 
+@pytest.mark.parametrize("balancing", ["affinity", "least_conn"])
+def test_one_users_refusals_never_take_an_instance_out_for_others(
+    upstreams: list[Upstream], nginx_factory, balancing: str
+) -> None:
+    """A user over a fleet-wide limit gets 429 from every instance. Those refusals are answers,
+    not instance failures: with nginx's usual max_fails=3 the heavy key's flood took both
+    instances out and the other users got 502 "no live upstreams" (issue 16's bench fairness)."""
+    first, second = spawn(upstreams, ("a", "429-heavy"), ("b", "429-heavy"))
+    nginx = nginx_factory([first, second], nginx_balancing=balancing)
+    with httpx.Client(base_url=nginx.base_url, timeout=30) as client:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            heavy = list(pool.map(lambda _: chat_post(client, "heavy", uuid.uuid4().hex), range(40)))
+        others = [chat_post(client, f"light-{index}", uuid.uuid4().hex) for index in range(12)]
+    assert {answer.status_code for answer in heavy} == {429}
+    assert all(answer.headers["retry-after"] == "1" for answer in heavy)
+    assert [answer.status_code for answer in others] == [200] * len(others), [
+        (answer.status_code, answer.text) for answer in others if answer.status_code != 200
+    ]
+    assert "no live upstreams" not in nginx.error_log()
+
+
 def test_a_timeout_after_the_request_was_sent_is_never_retried(
     upstreams: list[Upstream], nginx_factory
 ) -> None:
@@ -241,7 +262,7 @@ def test_a_drained_instance_share_moves_and_the_others_stay(upstreams: list[Upst
     assert set(before.values()) == {"a", "b", "c"}
 
     nginx.rerender(nginx_upstream_draining=[servers[0].address])
-    assert f"server {servers[0].address} max_fails=3 fail_timeout=10s down;" in nginx.upstream_conf()
+    assert f"server {servers[0].address} max_fails=0 fail_timeout=10s down;" in nginx.upstream_conf()
     with httpx.Client(base_url=nginx.base_url, timeout=30) as client:
         during = conversation_routes(client, conversations)
     assert "a" not in during.values()

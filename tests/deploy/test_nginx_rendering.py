@@ -42,9 +42,9 @@ def upstream(tmp_path: Path, **settings) -> str:
 def test_draining_marks_exactly_the_named_instances_down(tmp_path: Path) -> None:
     text = upstream(tmp_path, nginx_upstream_draining=[SERVERS[0], SERVERS[2]])
     assert [line.strip() for line in text.splitlines() if line.strip().startswith("server ")] == [
-        "server 10.0.0.21:8000 max_fails=3 fail_timeout=10s down;",
-        "server 10.0.0.21:8001 max_fails=3 fail_timeout=10s;",
-        "server 10.0.0.22:8000 max_fails=3 fail_timeout=10s down;",
+        "server 10.0.0.21:8000 max_fails=0 fail_timeout=10s down;",
+        "server 10.0.0.21:8001 max_fails=0 fail_timeout=10s;",
+        "server 10.0.0.22:8000 max_fails=0 fail_timeout=10s down;",
     ]
 
 
