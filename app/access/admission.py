@@ -82,8 +82,8 @@ class AccessControl:
         if api_key_id is not None:
             self._refusals.pop(("key", api_key_id), None)
 
-    def release_later(self, state: ZeusState, lease_id: int) -> None:
-        """Deletes the lease row off the event loop; a failure leaves a row this run no longer
+    async def release_now(self, state: ZeusState, lease_id: int) -> None:
+        """Deletes the lease row (in a worker thread); a failure leaves a row this run no longer
         holds, which the user's next admission removes once it is older than the stale timeout."""
         self.held_leases.discard(lease_id)
 
@@ -91,13 +91,15 @@ class AccessControl:
             with transaction(state.sessions) as db:
                 release_lease(db, lease_id)
 
-        async def run() -> None:
-            try:
-                await anyio.to_thread.run_sync(delete)
-            except Exception as error:
-                log.warning("generation lease %s not released: %s", lease_id, error)
+        try:
+            await anyio.to_thread.run_sync(delete)
+        except Exception as error:
+            log.warning("generation lease %s not released: %s", lease_id, error)
 
-        task = asyncio.get_running_loop().create_task(run())
+    def release_later(self, state: ZeusState, lease_id: int) -> None:
+        """release_now in a task of its own, for callers that cannot wait (cancel, cleanup)."""
+        self.held_leases.discard(lease_id)
+        task = asyncio.get_running_loop().create_task(self.release_now(state, lease_id))
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
 
@@ -116,15 +118,28 @@ class Admission:
         self.released = False
 
     def release(self) -> None:
+        lease_id = self._give_back()
+        if lease_id is not None:
+            self._state.access.release_later(self._state, lease_id)
+
+    async def release_and_wait(self) -> None:
+        """release(), returning once the lease row is gone: a client that sends its next request
+        the moment this one's last event arrives is counted without this one, on any instance (a
+        client running exactly its limit of requests in a row got an occasional 429 otherwise)."""
+        lease_id = self._give_back()
+        if lease_id is not None:
+            await self._state.access.release_now(self._state, lease_id)
+
+    def _give_back(self) -> int | None:
+        """The gate slot and remembered refusals, once; returns the lease to delete, if any."""
         if self.released:
-            return
+            return None
         self.released = True
         access = self._state.access
         if self._gated and access.gate is not None:
             access.gate.leave(self.user_id)
-        if self.lease_id is not None:
-            access.release_later(self._state, self.lease_id)
         access.forget_refusals(self.user_id, self.api_key_id)
+        return self.lease_id
 
     def start(self, submit: Callable[[], Any]) -> AdmittedStream:
         """Calls submit() (the engine's, returning a RequestStream); released when it raises,
@@ -160,7 +175,7 @@ class AdmittedStream:
         try:
             async for item in self._stream:
                 if isinstance(item, GenerationResult):
-                    self.admission.release()
+                    await self.admission.release_and_wait()
                 yield item
         finally:
             self.admission.release()
@@ -170,9 +185,12 @@ class AdmittedStream:
 
     async def result(self) -> GenerationResult:
         try:
-            return await self._stream.result()
-        finally:
+            result = await self._stream.result()
+        except BaseException:
             self.admission.release()
+            raise
+        await self.admission.release_and_wait()
+        return result
 
 
 async def admit(state: ZeusState, *, user_id: int, api_key_id: int | None) -> Admission:

@@ -153,6 +153,41 @@ async def test_concurrency_limit_holds_across_two_instances(zeus: Zeus, second_z
     await wait_for_leases(zeus, heavy.id, 0)  # released just after the answer, off the event loop
 
 
+async def test_a_client_running_exactly_its_limit_in_a_row_is_never_refused(
+    zeus: Zeus, second_zeus: Zeus
+) -> None:
+    """LIMIT workers, each sending its next request the moment the previous answer ended,
+    alternating between the two instances (as nginx may): the finished request's lease is gone
+    before its last byte is sent, so the next one is never counted against it (an API client at
+    its limit got an occasional 429 while the lease was still being deleted)."""
+    member = zeus.member(prefix="exact")
+    streamed = {**short_completion(zeus), "stream": True, "max_tokens": 3}
+    refusals: list[str] = []
+
+    async def worker(index: int) -> None:
+        async with (
+            zeus.client(headers=member.bearer) as first,
+            second_zeus.client(headers=member.bearer) as second,
+        ):
+            for turn in range(12):
+                client = (first, second)[(index + turn) % 2]
+                if turn % 2:
+                    answer = await client.post("/api/v1/chat/completions", json=short_completion(zeus))
+                    if answer.status_code != 200:
+                        refusals.append(answer.text)
+                    continue
+                async with client.stream("POST", "/api/v1/chat/completions", json=streamed) as answer:
+                    body = (await answer.aread()).decode()
+                    if answer.status_code != 200:
+                        refusals.append(body)
+                    else:
+                        assert body.rstrip().endswith("data: [DONE]"), body[-200:]
+
+    await asyncio.gather(*(worker(index) for index in range(LIMIT)))
+    assert refusals == []
+    await wait_for_leases(zeus, member.id, 0)
+
+
 async def test_admin_override_of_the_concurrency_limit(zeus: Zeus, admin: Member) -> None:
     member = zeus.member(prefix="override")
     async with (
