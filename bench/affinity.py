@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -48,29 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", default=",".join(MODES), help="nginx_balancing values, in order")
 
 
-def _start_instances(arguments: argparse.Namespace) -> list[tuple[subprocess.Popen[bytes], str, Path]]:
-    cores = os.cpu_count() or 1
-    started = []
-    for index in range(arguments.instances):
-        port = compare._free_port()
-        command, env, health = compare._command("zeus-vllm", arguments, port)
-        if cores >= arguments.instances:
-            # One core each (vLLM binds its OpenMP threads; without this every instance would
-            # compute on core 0, the default placement on a small host).
-            env["VLLM_CPU_OMP_THREADS_BIND"] = str(index % cores)
-            env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
-        log = RESULTS_DIR / f"affinity-instance{index}-{time.strftime('%Y%m%d-%H%M%S')}.log"
-        print(f"[affinity] instance {index} on port {port}: starting ({log})", flush=True)
-        with log.open("wb") as output:
-            process = subprocess.Popen(
-                command, env=env, cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT
-            )
-        started.append((process, f"127.0.0.1:{port}", log))
-    for process, address, log in started:
-        compare._wait_ready(process, f"http://{address}{health}", arguments.ready_timeout, log)
-    return started
-
-
 def run(arguments: argparse.Namespace) -> dict[str, Any]:
     # The tokenizer stack first: torch's compiler registers sys.intern when it is imported, and the
     # Ansible templating that renders nginx's files replaces sys.intern with an object torch refuses
@@ -82,7 +57,7 @@ def run(arguments: argparse.Namespace) -> dict[str, Any]:
 
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     api_key = compare._api_key(arguments)
-    instances = _start_instances(arguments)
+    instances = compare.start_instances(arguments, "zeus-vllm", arguments.instances, "affinity")
     addresses = [address for _, address, _ in instances]
     metrics_urls = ",".join(f"http://{address}/metrics" for address in addresses)
     rows: list[dict[str, Any]] = []
@@ -96,6 +71,7 @@ def run(arguments: argparse.Namespace) -> dict[str, Any]:
                         arguments, nginx.base_url, "/api/v1/chat/completions", api_key,
                         "--workload", "chat", "--users", str(arguments.users),
                         "--turns", str(arguments.turns), "--metrics-urls", metrics_urls,
+                        "--think-time", str(arguments.think_time),
                         "--seed", str(1000 * (offset + 1)),
                     )  # fmt: skip
                 finally:
@@ -133,17 +109,21 @@ def main(arguments: argparse.Namespace) -> int:
         raise SystemExit("--database-url (or ZEUS_DATABASE_URL) is needed: a database Zeus may migrate")
     record = run(arguments)
     print()
-    print("| balancing | done | fail | out tok/s | TTFT p50 (ms) | TTFT p50 by turn (ms) | prefix hit |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| balancing | done | fail | out tok/s | TTFT p50 (ms) | TTFT p50 by turn (ms) "
+        "| turns on the previous turn's instance | prefix hit |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for row in record["results"]:
         metrics = row["metrics"]
         turns = metrics.get("ttft_p50_ms_by_turn") or []
         hit = metrics.get("prefix_cache_hit_rate")
+        same = metrics.get("same_instance_share")
         by_turn = ", ".join("-" if v is None else f"{v:.0f}" for v in turns)
         print(
             f"| {row['mode']} | {metrics['completed']} | {metrics['failed']} | "
             f"{metrics['output_throughput']:.1f} | {metrics['ttft_ms']['median']:.0f} | {by_turn} | "
-            f"{'not reported' if hit is None else f'{hit:.1%}'} |"
+            f"{'-' if same is None else f'{same:.0%}'} | {'not reported' if hit is None else f'{hit:.1%}'} |"
         )
     line = ratio_line(record["results"])
     print()

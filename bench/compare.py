@@ -47,7 +47,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--users", type=int, default=4)
     parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--think-time", type=float, default=0.0, help="chat: mean seconds between turns")
     parser.add_argument("--max-batch-size", type=int, default=16, help="running sequences, every system")
+    parser.add_argument(
+        "--max-concurrent-per-user",
+        type=int,
+        default=None,
+        help="Zeus's per-user limit (default: batch + queue: the benchmark's one user may fill the "
+        "instance, as an admin's override would let it; 0: Zeus's own default)",
+    )
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--kv-cache-gb", type=float, default=2.0, help="vLLM's KV cache (CPU hosts)")
     parser.add_argument("--threads", type=int, default=None, help="the built-in engine's torch threads")
@@ -85,6 +93,11 @@ def _zeus_env(arguments: argparse.Namespace, engine: str) -> dict[str, str]:
     )
     if arguments.threads:
         env["ZEUS_TORCH_THREADS"] = str(arguments.threads)
+    per_user = arguments.max_concurrent_per_user
+    if per_user is None:
+        per_user = 5 * arguments.max_batch_size
+    if per_user:
+        env["ZEUS_MAX_CONCURRENT_PER_USER"] = str(per_user)
     return env
 
 
@@ -146,6 +159,33 @@ def _wait_ready(process: subprocess.Popen[bytes], url: str, timeout_s: float, lo
     raise SystemExit(f"server not ready after {timeout_s} s; see {log}")
 
 
+def start_instances(
+    arguments: argparse.Namespace, system: str, count: int, label: str
+) -> list[tuple[subprocess.Popen[bytes], str, Path]]:
+    """`count` Zeus instances of `system` ("zeus-vllm", "zeus-builtin") on free ports, once all
+    answer their health check: (process, "127.0.0.1:PORT", log) each; stop them with _stop."""
+    cores = os.cpu_count() or 1
+    started = []
+    for index in range(count):
+        port = _free_port()
+        command, env, health = _command(system, arguments, port)
+        if system == "zeus-vllm" and cores >= count:
+            # One core each (vLLM binds its OpenMP threads; without this every instance would
+            # compute on core 0, the default placement on a small host).
+            env["VLLM_CPU_OMP_THREADS_BIND"] = str(index % cores)
+            env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+        log = RESULTS_DIR / f"{label}-instance{index}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        print(f"[{label}] instance {index} on port {port}: starting ({log})", flush=True)
+        with log.open("wb") as output:
+            process = subprocess.Popen(
+                command, env=env, cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT
+            )
+        started.append((process, f"127.0.0.1:{port}", log))
+    for process, address, log in started:
+        _wait_ready(process, f"http://{address}{health}", arguments.ready_timeout, log)
+    return started
+
+
 def _stop(process: subprocess.Popen[bytes]) -> None:
     """SIGTERM (a server's graceful shutdown), SIGKILL after 60 s."""
     if process.poll() is None:
@@ -198,6 +238,7 @@ def run(arguments: argparse.Namespace) -> dict[str, Any]:
             chat = _bench(
                 arguments, base_url, endpoint, api_key, "--workload", "chat", "--users", str(arguments.users),
                 "--turns", str(arguments.turns), "--metrics-urls", metrics_url,
+                "--think-time", str(arguments.think_time),
             )  # fmt: skip
             for row in single["results"] + chat["results"]:
                 rows.append({**row, "system": f"{system}/{row['system']}", "server": system})

@@ -4,7 +4,11 @@ Issue 16's floor: while user A keeps `--a-streams` streams open (each A client s
 request as soon as one ends, and honours Retry-After when refused), user B's requests, one at a
 time, are never refused, and B's TTFT p50 stays within `--max-ttft-ratio` (2x) of B's TTFT on the
 idle deployment, measured first in the same run. Point it at nginx in front of the instances
-(or at one instance). A and B need API keys of two different users.
+(or at one instance) with API keys of two different users, or let it start the deployment on this
+machine: `--instances N --model PATH --database-url URL` starts N instances of engine builtin
+(bench/compare.py's settings, `--threads` torch threads each) behind a real nginx rendered from
+the nginx role's templates with its defaults (`--balancing`: affinity, as deployed), creates the
+two users and their keys in that (migrated here) database, and stops it all at the end.
 
 Prints one table and PASS/FAIL per condition, writes JSON to bench/results/; exits 1 on FAIL.
 """
@@ -14,9 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
+import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from bench.metrics import RequestRecord, percentile
@@ -27,11 +35,20 @@ RETRY_AFTER_CAP_S = 10.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8081 (nginx)")
+    parser.add_argument("--base-url", help="e.g. http://127.0.0.1:8081 (nginx); or --instances")
     parser.add_argument("--endpoint", default="/api/v1/chat/completions")
-    parser.add_argument("--api-key-a", required=True, help="the heavy user's key")
-    parser.add_argument("--api-key-b", required=True, help="the light user's key (another user)")
-    parser.add_argument("--model", default=None, help="default: the first of GET .../v1/models")
+    parser.add_argument("--api-key-a", help="the heavy user's key")
+    parser.add_argument("--api-key-b", help="the light user's key (another user)")
+    parser.add_argument(
+        "--model", default=None, help="default: the first of GET .../v1/models; with --instances: the folder"
+    )
+    parser.add_argument("--instances", type=int, default=0, help="start this many instances and nginx here")
+    parser.add_argument(
+        "--database-url", default=os.environ.get("ZEUS_DATABASE_URL"), help="with --instances"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="with --instances: torch threads each")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="with --instances: ZEUS_MAX_BATCH_SIZE")
+    parser.add_argument("--balancing", default="affinity", help="with --instances: nginx_balancing")
     parser.add_argument("--a-streams", type=int, default=100, help="streams A keeps open")
     parser.add_argument("--a-output-len", type=int, default=256)
     parser.add_argument("--b-requests", type=int, default=30, help="B's sequential requests per phase")
@@ -221,8 +238,52 @@ async def run(arguments: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _deploy(arguments: argparse.Namespace) -> tuple[Callable[[], None], str]:
+    """Starts --instances instances and nginx, sets base_url and both keys; returns (stop, model name)."""
+    from bench import compare
+    from tests.deploy.nginx import start_nginx
+
+    model = Path(arguments.model)
+    settings = argparse.Namespace(
+        model=model, database_url=arguments.database_url, max_batch_size=arguments.max_batch_size,
+        max_model_len=2048, output_len=max(arguments.a_output_len, arguments.b_output_len),
+        kv_cache_gb=2.0, enforce_eager=False, threads=arguments.threads, ready_timeout=600.0,
+        max_concurrent_per_user=0,  # Zeus's own default: the limit under test
+    )  # fmt: skip
+    arguments.api_key_a, arguments.api_key_b = compare._api_key(settings), compare._api_key(settings)
+    instances = compare.start_instances(settings, "zeus-builtin", arguments.instances, "fairness")
+    prefix = tempfile.TemporaryDirectory(prefix="zeus-bench-nginx-")
+    nginx = start_nginx(
+        Path(prefix.name),
+        nginx_upstream_servers=[address for _, address, _ in instances],
+        nginx_balancing=arguments.balancing,
+    )
+    arguments.base_url = nginx.base_url
+
+    def stop() -> None:
+        nginx.stop()
+        prefix.cleanup()
+        for process, _, _ in instances:
+            compare._stop(process)
+
+    return stop, model.name
+
+
 def main(arguments: argparse.Namespace) -> int:
-    record = asyncio.run(run(arguments))
+    stop = None
+    if arguments.instances:
+        if not arguments.model or not arguments.database_url:
+            raise SystemExit("--instances needs --model (a model folder) and --database-url")
+        stop, arguments.model = _deploy(arguments)
+    elif not (arguments.base_url and arguments.api_key_a and arguments.api_key_b):
+        raise SystemExit(
+            "give --base-url, --api-key-a and --api-key-b, or --instances N to start a deployment"
+        )
+    try:
+        record = asyncio.run(run(arguments))
+    finally:
+        if stop is not None:
+            stop()
     idle, loaded = record["b_idle"], record["b_loaded"]
     print()
     print(f"{'':24}{'requests':>9}{'ok':>5}{'TTFT p50 ms':>13}{'p90 ms':>9}{'max ms':>9}  refused/failed")

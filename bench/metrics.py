@@ -30,6 +30,8 @@ class RequestRecord:
     error: str | None = None  # a short kind ("http_429", "timeout", ...) when the request failed
     # The streamed content, kept when a workload needs it (the chat workload resends its history).
     text: str = ""
+    # The instance that answered (Zeus's X-Zeus-Instance header), when the server names one.
+    instance: str | None = None
 
     @property
     def succeeded(self) -> bool:

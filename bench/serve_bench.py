@@ -10,8 +10,12 @@ Poisson process at `--request-rate` requests/s (still capped at `concurrency` in
 conversation of `--turns` T turns behind the same system prompt of `--system-prompt-len` tokens
 (a deployment's default system prompt), each turn resending the whole history (system prompt,
 every earlier question and reply, the new question), as a chat client does. The users run at
-once, each turn after the previous reply. It reports the usual metrics over all turns, TTFT p50
-by turn (what prefix caching changes: later turns resend ever longer histories), and, with
+once, each turn after the previous reply (and, with `--think-time S`, a pause drawn from an
+exponential distribution of mean S seconds, seeded per user: people read the reply and type, so
+turns of different conversations do not go out in lockstep). It reports the usual metrics over
+all turns, TTFT p50 by turn (what prefix caching changes: later turns resend ever longer
+histories), the share of turns the balancer sent to the instance of the conversation's previous
+turn (from the X-Zeus-Instance header), and, with
 `--metrics-urls` (the instances' /metrics), the prefix-cache hit rate over the run from vLLM's
 `vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total` counters (tokens).
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import random
 import time
@@ -61,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--users", type=int, default=4, help="chat: conversations held at once")
     parser.add_argument("--turns", type=int, default=4, help="chat: turns per conversation")
     parser.add_argument("--system-prompt-len", type=int, default=400, help="chat: system prompt tokens")
+    parser.add_argument(
+        "--think-time", type=float, default=0.0, help="chat: mean seconds between a reply and the next turn"
+    )
     parser.add_argument(
         "--api-keys",
         default=None,
@@ -115,6 +123,7 @@ async def _one_request(
         async with client.stream(
             "POST", arguments.endpoint, json=body, headers=_headers(api_key or arguments.api_key)
         ) as response:
+            record.instance = response.headers.get("x-zeus-instance")
             if response.status_code != 200:
                 await response.aread()
                 record.error = f"http_{response.status_code}"
@@ -192,7 +201,10 @@ async def _run_chat(
     async def conversation(user: int) -> list[RequestRecord]:
         messages = [{"role": "system", "content": system_prompt}]
         records = []
+        pauses = random.Random(arguments.seed * 1000 + user)
         for turn in range(arguments.turns):
+            if turn and arguments.think_time > 0:
+                await asyncio.sleep(pauses.expovariate(1 / arguments.think_time))
             messages.append({"role": "user", "content": questions[user * arguments.turns + turn]})
             record = await _one_request(
                 client, arguments, model, list(messages), api_key=keys[user % len(keys)], user=f"bench-{user}"
@@ -219,6 +231,17 @@ async def _run_chat(
         sum(record.prompt_tokens for record in records) / len(records) if records else None
         for records in by_turn
     ]
+    # Turns 2..T that the balancer sent to the instance that served the conversation's turn before
+    # (where its history is cached); None when the server names no instance.
+    followed = [
+        (earlier.instance, later.instance)
+        for records in per_user
+        for earlier, later in itertools.pairwise(records)
+        if earlier.instance and later.instance
+    ]
+    metrics["same_instance_share"] = (
+        sum(earlier == later for earlier, later in followed) / len(followed) if followed else None
+    )
     metrics["prefix_cache_hit_rate"] = None
     if before is not None and after is not None and after[1] > before[1]:
         metrics["prefix_cache_hit_rate"] = (after[0] - before[0]) / (after[1] - before[1])

@@ -36,6 +36,8 @@ async def test_chat_workload_resends_the_growing_history_each_turn(zeus: Zeus) -
     assert len(metrics["ttft_p50_ms_by_turn"]) == 3 and all(v > 0 for v in metrics["ttft_p50_ms_by_turn"])
     # The built-in engine has no prefix cache: its /metrics carry no vLLM prefix-cache counters.
     assert metrics["prefix_cache_hit_rate"] is None
+    # One instance answered every turn, and named itself (X-Zeus-Instance).
+    assert metrics["same_instance_share"] == 1.0
 
 
 async def test_single_turn_levels(zeus: Zeus) -> None:
