@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -110,6 +111,30 @@ def test_a_conversation_stays_on_one_instance(nginx: Nginx, analyst: Account) ->
                 "Turn 1",
             ]
     assert len(set(served.values())) == 2, served
+
+
+def test_one_key_past_its_limit_leaves_every_instance_to_the_others(
+    nginx: Nginx, instances: list[LiveServer], analyst: Account
+) -> None:
+    """Issue 16's example, as a new user tried it: one API key opening many streams at once. Past
+    ZEUS_MAX_CONCURRENT_PER_USER (4) every instance answers it 429; those refusals must not make
+    nginx take the instances out (they did: max_fails=3, and everyone else got 502)."""
+    heavy = instances[0].create_account(f"heavy-{uuid.uuid4().hex[:8]}@example.com", "analyst")
+    body = {"max_tokens": 32, "ignore_eos": True}
+    with httpx.Client(base_url=nginx.base_url, timeout=120) as heavy_client, ThreadPoolExecutor(16) as pool:
+        heavy_client.headers["Authorization"] = f"Bearer {heavy.api_key}"
+        flood = list(pool.map(lambda _: completion(heavy_client, **body), range(48)))
+    statuses = [answer.status_code for answer in flood]
+    assert set(statuses) <= {200, 429}, [a.text for a in flood if a.status_code not in (200, 429)]
+    refused = [answer for answer in flood if answer.status_code == 429]
+    assert len(refused) >= 3, statuses  # enough to have taken both instances out before
+    assert all("your limit is 4" in answer.json()["error"]["message"] for answer in refused)
+    assert all(int(answer.headers["retry-after"]) >= 1 for answer in refused)
+    with httpx.Client(base_url=nginx.base_url, timeout=120) as client:
+        client.headers["Authorization"] = f"Bearer {analyst.api_key}"
+        others = [completion(client, user=f"other-{index}") for index in range(8)]
+    assert [answer.status_code for answer in others] == [200] * len(others), [a.text for a in others]
+    assert "no live upstreams" not in nginx.error_log()
 
 
 def test_nginx_refuses_a_body_over_its_limit_as_openai_does(nginx: Nginx, analyst: Account) -> None:
