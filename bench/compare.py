@@ -228,11 +228,13 @@ def run(arguments: argparse.Namespace) -> dict[str, Any]:
             base_url = f"http://127.0.0.1:{port}"
             _wait_ready(process, base_url + health, arguments.ready_timeout, log)
             endpoint = "/v1/chat/completions" if system == "vllm-serve" else "/api/v1/chat/completions"
-            extra = ["--concurrency", arguments.concurrency]
-            if arguments.num_prompts:
-                extra += ["--num-prompts", str(arguments.num_prompts)]
-            print(f"[compare] {system}: concurrency {arguments.concurrency}", flush=True)
-            single = _bench(arguments, base_url, endpoint, api_key, *extra)
+            single: dict[str, Any] = {"results": []}
+            if arguments.concurrency:  # empty: the chat workload only
+                extra = ["--concurrency", arguments.concurrency]
+                if arguments.num_prompts:
+                    extra += ["--num-prompts", str(arguments.num_prompts)]
+                print(f"[compare] {system}: concurrency {arguments.concurrency}", flush=True)
+                single = _bench(arguments, base_url, endpoint, api_key, *extra)
             print(f"[compare] {system}: chat {arguments.users} users x {arguments.turns} turns", flush=True)
             metrics_url = base_url + "/metrics"
             chat = _bench(
