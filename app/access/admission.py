@@ -118,28 +118,28 @@ class Admission:
         self.released = False
 
     def release(self) -> None:
-        lease_id = self._give_back()
-        if lease_id is not None:
-            self._state.access.release_later(self._state, lease_id)
-
-    async def release_and_wait(self) -> None:
-        """release(), returning once the lease row is gone: a client that sends its next request
-        the moment this one's last event arrives is counted without this one, on any instance (a
-        client running exactly its limit of requests in a row got an occasional 429 otherwise)."""
-        lease_id = self._give_back()
-        if lease_id is not None:
-            await self._state.access.release_now(self._state, lease_id)
-
-    def _give_back(self) -> int | None:
-        """The gate slot and remembered refusals, once; returns the lease to delete, if any."""
         if self.released:
-            return None
+            return
         self.released = True
         access = self._state.access
         if self._gated and access.gate is not None:
             access.gate.leave(self.user_id)
+        if self.lease_id is not None:
+            access.release_later(self._state, self.lease_id)
         access.forget_refusals(self.user_id, self.api_key_id)
-        return self.lease_id
+
+    async def release_and_wait(self) -> None:
+        """release(), the lease row deleted first: a client that sends its next request the moment
+        this one's last event arrives is counted without this one, on any instance (a client
+        running exactly its limit of requests in a row got an occasional 429 otherwise)."""
+        if self.released:
+            return
+        lease_id, self.lease_id = self.lease_id, None
+        try:
+            if lease_id is not None:
+                await self._state.access.release_now(self._state, lease_id)
+        finally:
+            self.release()
 
     def start(self, submit: Callable[[], Any]) -> AdmittedStream:
         """Calls submit() (the engine's, returning a RequestStream); released when it raises,
