@@ -98,11 +98,18 @@ def test_fused_projections_leave_the_model_unchanged(tiny_model_path: Path) -> N
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
     input_ids = torch.tensor([[5, 17, 42, 9, 100]])
     with torch.inference_mode():
+        weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
         before = model(input_ids=input_ids).logits
         runner = ModelRunner(model, torch.device("cpu"), max_slots=2)
         after = model(input_ids=input_ids).logits
         logits, _ = runner.prefill([input_ids[0].tolist()])
-    assert torch.equal(before, after)
+    # Every weight keeps its values, bit for bit (the fused tensors only share their storage).
+    unchanged = model.state_dict()
+    assert unchanged.keys() == weights.keys()
+    assert all(torch.equal(unchanged[name], weights[name]) for name in weights)
+    # The logits may differ in the last bits: a weight that became a view of a fused tensor can
+    # take another BLAS kernel (seen on an AVX-512/AMX Xeon with MKL: 4e-6 at most).
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logits, before[:, -1], rtol=1e-5, atol=1e-5)
 
 
