@@ -97,7 +97,11 @@ async def test_sampling_parameters_reach_vllm(vllm_engine: Any) -> None:
     assert list(biased.token_ids) == [forced] * 3
 
     seeded = chat("Write a word.", max_tokens=8, temperature=1.0, top_k=50, top_p=0.9, min_p=0.01, seed=7)
-    first, second = await asyncio.gather(*(vllm_engine.submit(seeded).result() for _ in range(2)))
+    # One after the other, each alone in the engine: the same seed gives the same tokens. (Two at
+    # once may be batched differently step by step, and vLLM does not promise seeded samples
+    # across batch shapes: in bfloat16 they parted at the 6th token on a loaded machine.)
+    first = await vllm_engine.submit(seeded).result()
+    second = await vllm_engine.submit(seeded).result()
     assert first.token_ids == second.token_ids
 
     with pytest.raises(InvalidRequestError, match="logit_bias"):
