@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -105,7 +106,9 @@ def model(client: openai.OpenAI) -> str:
 def test_chat_streamed_and_not_give_the_same_greedy_reply(client: openai.OpenAI, model: str) -> None:
     reply = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=24, temperature=0)
     choice = reply.choices[0]
-    assert "Paris" in (choice.message.content or ""), choice.message.content
+    # Words of the model's own (SmolLM2's greedy answer depends on the CPU's bfloat16 arithmetic:
+    # "Paris ..." on an AVX2 EPYC, "L'Étoile, la Marseillaise, ..." on an AMX Xeon), not the answer.
+    assert re.search(r"[^\W\d_]{3}", choice.message.content or ""), choice.message.content
     assert choice.finish_reason in ("stop", "length") and reply.system_fingerprint == "zeus-vllm"
     assert reply.usage is not None and 0 < reply.usage.completion_tokens <= 24
     stream = client.chat.completions.create(
@@ -451,8 +454,16 @@ def test_openai_client_streams_a_reply_from_the_vllm_engine(server: LiveServer) 
         elif chunk.choices and chunk.choices[0].delta.content:
             text += chunk.choices[0].delta.content
             chunks += 1
-    assert "Paris" in text and chunks > 1, text
+    assert chunks > 1, text
     assert usage is not None and 0 < usage.completion_tokens <= 24
+    # The same greedy reply as the engine gives without streaming (its words depend on the CPU).
+    whole = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=24,
+        temperature=0,
+    )
+    assert text == whole.choices[0].message.content and re.search(r"[^\W\d_]{3}", text), text
 
 
 def test_health_and_metrics_show_the_vllm_engine(server: LiveServer) -> None:

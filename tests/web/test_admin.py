@@ -8,8 +8,10 @@ import uuid
 
 import httpx
 import pytest
+import torch
 from playwright.sync_api import expect
 
+from app.inference.loading import resolve_dtype
 from tests.support.live_server import LiveServer
 from tests.web.helpers import BrowserSession, api_client, save_screenshot, sign_in
 
@@ -62,8 +64,10 @@ def test_system_shows_this_instance_and_refreshes(admin: BrowserSession, web_ser
     expect(row).to_have_count(1)
     expect(row.locator(".badge")).to_have_text("up")
     cells = row.locator("td")
-    # The device, then the engine under it (kind and dtype).
-    expect(cells.nth(2)).to_have_text(re.compile(r"^cpu\s*builtin · float32"))
+    # The device, then the engine under it (kind and dtype: what "auto" picks on this CPU,
+    # bfloat16 where it has fast bfloat16, float32 elsewhere).
+    dtype = str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+    expect(cells.nth(2)).to_have_text(re.compile(rf"^cpu\s*builtin · {dtype}"))
     expect(cells.nth(3)).to_have_text(re.compile(r"^[\d.]+ %$"))
     expect(cells.nth(4)).to_have_text(re.compile(r"MiB|GiB"))
     expect(cells.nth(10)).to_have_text(re.compile(r"just now|\d+ s ago"))
