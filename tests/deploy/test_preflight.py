@@ -162,6 +162,7 @@ def test_vllm_on_listed_gpus_without_a_driver(tmp_path: Path) -> None:
     result = run_preflight(
         tmp_path,
         zeus_api_engine="vllm",
+        zeus_api_instances=1,
         zeus_api_gpus=["0"],
         zeus_api_vllm_requirements_file="/nonexistent/vllm-cuda.lock",
     )
