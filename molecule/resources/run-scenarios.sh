@@ -2,9 +2,9 @@
 # Every Molecule scenario on one set of local systemd hosts (make test-molecule; CI).
 # Converging three hosts (PostgreSQL, nginx, torch on two model hosts) is the slow part, so it
 # happens once: the default scenario creates, converges, checks idempotence and verifies; scale,
-# failover, upgrade and backup then run their verify step against the same hosts (same platform
-# names, same Molecule state); the hosts are destroyed at the end, also after a failure.
-#   run-scenarios.sh [SCENARIO...]   default first whatever the order; default: all five
+# failover, upgrade, backup and engines then run their verify step against the same hosts (same
+# platform names, same Molecule state); the hosts are destroyed at the end, also after a failure.
+#   run-scenarios.sh [SCENARIO...]   default first whatever the order; default: all six
 #   ZEUS_MOLECULE_KEEP_HOSTS=1 ...     keep the hosts after a failure, to look inside them
 #                                      (podman exec -it zeus-mol-app1 bash); the next run removes them
 set -euo pipefail
@@ -21,7 +21,8 @@ export PATH=$repo_root/.venv/bin:$PATH
 export HF_HUB_OFFLINE=1 PY_COLORS=0 ANSIBLE_FORCE_COLOR=0
 mkdir -p "$HOME" "$XDG_CACHE_HOME" "$ANSIBLE_HOME" "$work_dir/logs"
 
-all_scenarios=(default scale failover upgrade backup)
+# engines last: should its move to vLLM fail half-way, the others have already run on builtin.
+all_scenarios=(default scale failover upgrade backup engines)
 requested=("${@:-${all_scenarios[@]}}")
 for scenario in "${requested[@]}"; do
     [[ -f molecule/$scenario/molecule.yml ]] \

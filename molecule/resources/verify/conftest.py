@@ -6,8 +6,6 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-import testinfra
-import testinfra.host
 from monitoring import Monitoring
 from zeus_hosts import Deployment, create_api_key, create_user, login, wait_until
 
@@ -63,12 +61,3 @@ def monitoring(deployment: Deployment) -> Monitoring:
     if deployment.monitoring_host is None:
         pytest.skip("the inventory has no monitoring group")
     return Monitoring(deployment.addresses[deployment.monitoring_host])
-
-
-@pytest.fixture(scope="session")
-def hosts(deployment: Deployment) -> dict[str, testinfra.host.Host]:
-    """testinfra hosts by container name, through its podman backend (one podman exec per check)."""
-    names = {deployment.lb_host, deployment.db_host, *deployment.model_hosts}
-    if deployment.monitoring_host is not None:
-        names.add(deployment.monitoring_host)
-    return {name: testinfra.get_host(f"podman://{name}") for name in sorted(names)}

@@ -8,9 +8,8 @@ from collections import Counter
 import httpx
 import openai
 import pytest
-import testinfra.host
 from monitoring import Monitoring
-from zeus_hosts import CommandFailed, Deployment, run_on, stream_chat_message, wait_until
+from zeus_hosts import CommandFailed, Deployment, stream_chat_message, wait_until
 
 INSTANCES_PER_HOST = 2
 
@@ -113,10 +112,10 @@ EXPORTERS = {
 
 
 def test_monitoring_services_run_where_the_inventory_puts_them(
-    deployment: Deployment, hosts: dict[str, testinfra.host.Host], monitoring: Monitoring
+    deployment: Deployment, monitoring: Monitoring
 ) -> None:
     # `monitoring` skips this check where the inventory has no monitoring group (no exporters then).
-    for name, host in hosts.items():
+    for name, host in deployment.hosts.items():
         wanted = {"prometheus-node-exporter"}
         if name == deployment.db_host:
             wanted.add("prometheus-postgres-exporter")
@@ -146,14 +145,12 @@ def test_prometheus_scrapes_every_instance_and_exporter(
     }, jobs
 
 
-def test_a_stopped_instance_fires_its_alert(
-    deployment: Deployment, monitoring: Monitoring, hosts: dict[str, testinfra.host.Host]
-) -> None:
+def test_a_stopped_instance_fires_its_alert(deployment: Deployment, monitoring: Monitoring) -> None:
     host = deployment.model_hosts[-1]
     port = deployment.units(host)[-1].port
     instance = f"{deployment.addresses[host]}:{port}"
     assert not monitoring.firing("ZeusInstanceDown"), "an instance-down alert fired before any stop"
-    hosts[host].check_output(f"systemctl stop zeus-api@{port}.service")
+    deployment.hosts[host].check_output("systemctl stop %s", f"zeus-api@{port}.service")
     try:
         # Scrape and rule intervals of 5 s and `for: 15s` (the scenarios' group_vars/monitoring).
         alerts = wait_until(
@@ -163,7 +160,7 @@ def test_a_stopped_instance_fires_its_alert(
         )
         assert alerts[0]["labels"]["severity"] == "critical", alerts
     finally:
-        hosts[host].check_output(f"systemctl start zeus-api@{port}.service")
+        deployment.hosts[host].check_output("systemctl start %s", f"zeus-api@{port}.service")
     wait_until(
         lambda: not monitoring.not_up(),
         timeout=180,
@@ -191,7 +188,9 @@ def test_a_bad_postgresql_setting_stops_the_play_and_the_server_stays_up(deploym
     # Neither restarted nor reloaded, and the file on disk is the previous one again.
     assert deployment.sql("SELECT pg_postmaster_start_time()") == started_before
     assert deployment.sql("SHOW work_mem") != "lots"
-    settings = run_on(deployment.db_host, "sh", "-c", "cat /etc/postgresql/*/main/conf.d/zeus.conf")
+    db = deployment.hosts[deployment.db_host]
+    (version,) = db.file("/etc/postgresql").listdir()
+    settings = db.file(f"/etc/postgresql/{version}/main/conf.d/zeus.conf").content_string
     assert "work_mem" not in settings, settings
     with deployment.client(timeout=10) as client:
         assert client.get("/api/health").json()["db"] == "ok"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import httpx
 from loadgen import LoadGenerator, summarize
-from zeus_hosts import ChatStream, Deployment, run_on, stream_chat_message, wait_until
+from zeus_hosts import ChatStream, Deployment, stream_chat_message, wait_until
 
 # Long enough that the reply is still streaming when the kill lands a few tokens in.
 LONG_PROMPT = "Write a long, detailed story of at least five paragraphs about a lighthouse keeper."
@@ -38,7 +38,7 @@ def test_killed_instance_fails_only_its_own_stream_and_comes_back(
         unit = next(u for u in deployment.units(host) if u.port == port)
         kills.append(Kill(host, port, stream.instance, unit.restarts, time.monotonic()))
         # SIGKILL to every process of the unit at once: what an OOM kill or a crash looks like.
-        run_on(host, "systemctl", "kill", "--signal=SIGKILL", f"zeus-api@{port}.service")
+        deployment.hosts[host].check_output("systemctl kill --signal=SIGKILL %s", f"zeus-api@{port}.service")
 
     with LoadGenerator(deployment.base_url, api_key, model_id, concurrency=2) as load:
         time.sleep(3)

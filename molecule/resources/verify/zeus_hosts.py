@@ -1,9 +1,10 @@
 """The deployed Zeus as the scenarios see it from the controller.
 
-Hosts and groups come from Molecule's inventory; commands run inside the containers with
-`podman exec` (one process per check, which is what testinfra's podman backend does too);
-HTTP goes to nginx on the lb container's own address, which rootful podman makes reachable
-from the controller.
+Hosts and groups come from Molecule's inventory, read by testinfra's Ansible runner; every host is
+a testinfra host on its podman backend (`podman://NAME`, one `podman exec` per check; its Ansible
+backend would run one Ansible call per check over the podman connection). What testinfra has no
+module for stays here: HTTP to nginx on the lb container's own address (rootful podman makes it
+reachable from the controller), the web app's API, and playbooks run as a user runs them.
 """
 
 from __future__ import annotations
@@ -19,21 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
+import testinfra
+import testinfra.host
+from testinfra.utils.ansible_runner import AnsibleRunner
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
-GROUP_VARS_DIR = REPO_ROOT / "molecule" / "resources" / "inventory" / "group_vars"
 LOG_DIR = REPO_ROOT / ".molecule-work" / "logs"
 VENV_BIN = Path(os.environ.get("VIRTUAL_ENV", REPO_ROOT / ".venv")) / "bin"
 NGINX_PORT = 8081
 
 
 class CommandFailed(AssertionError):
-    """A command on a host or a playbook run failed; the message carries its output."""
-
-
-def _group_vars(group: str) -> dict[str, Any]:
-    return yaml.safe_load((GROUP_VARS_DIR / group / "main.yml").read_text()) or {}
+    """A playbook run failed; the message carries its output."""
 
 
 def inventory_dir() -> Path:
@@ -46,30 +44,6 @@ def inventory_dir() -> Path:
     return Path(ephemeral) / "inventory"
 
 
-def run_on(host: str, *argv: str, check: bool = True, timeout: float = 60) -> str:
-    """Runs argv inside the container `host` and returns its stdout."""
-    result = subprocess.run(
-        ["podman", "exec", host, *argv], capture_output=True, text=True, timeout=timeout, check=False
-    )
-    if check and result.returncode != 0:
-        raise CommandFailed(
-            f"{host}: {' '.join(argv)} exited {result.returncode}\n{result.stdout}\n{result.stderr}"
-        )
-    return result.stdout
-
-
-def container_address(host: str) -> str:
-    inspected = json.loads(
-        subprocess.run(
-            ["podman", "container", "inspect", host], capture_output=True, text=True, check=True
-        ).stdout
-    )[0]
-    addresses = [n["IPAddress"] for n in inspected["NetworkSettings"]["Networks"].values() if n["IPAddress"]]
-    if not addresses:
-        raise RuntimeError(f"{host} has no address on a podman network: is it running?")
-    return addresses[0]
-
-
 def wait_until(condition: Callable[[], Any], *, timeout: float, interval: float = 1.0, what: str) -> Any:
     """Polls condition until it returns something truthy; raises AssertionError naming `what`."""
     deadline = time.monotonic() + timeout
@@ -79,7 +53,8 @@ def wait_until(condition: Callable[[], Any], *, timeout: float, interval: float 
             value = condition()
             if value:
                 return value
-        except (httpx.HTTPError, CommandFailed, AssertionError) as error:
+        # testinfra's check_output raises AssertionError (CommandFailed is one).
+        except (httpx.HTTPError, AssertionError) as error:
             last_error = error
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last error: {last_error})")
@@ -100,6 +75,8 @@ class Deployment:
     """The hosts of one Molecule run and how to reach them."""
 
     inventory_dir: Path
+    # testinfra hosts by inventory name (the container's name).
+    hosts: dict[str, testinfra.host.Host]
     lb_host: str
     db_host: str
     model_hosts: tuple[str, ...]
@@ -108,44 +85,40 @@ class Deployment:
     admin_email: str
     admin_password: str
     db_name: str
+    # Each host's address on the podman network: nginx's upstream and X-Zeus-Instance use it.
     addresses: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_molecule(cls) -> Deployment:
         inventory = inventory_dir()
-        listed = json.loads(
-            subprocess.run(
-                [str(VENV_BIN / "ansible-inventory"), "-i", str(inventory), "--list"],
-                capture_output=True,
-                text=True,
-                check=True,
-                env=ansible_env(),
-            ).stdout
-        )
+        ansible = AnsibleRunner(str(inventory))
 
         def group(name: str) -> list[str]:
-            hosts = listed.get(name, {}).get("hosts", [])
+            hosts = ansible.get_hosts(name)
             if not hosts:
                 raise RuntimeError(f"the inventory in {inventory} has no host in group {name!r}")
-            return sorted(hosts)
+            return hosts
 
-        all_vars = _group_vars("all")
-        model_vars = _group_vars("model_servers")
-        deployment = cls(
+        lb_host, db_host = group("lb")[0], group("db")[0]
+        model_hosts = tuple(group("model_servers"))
+        monitoring_host = (ansible.get_hosts("monitoring") or [None])[0]
+        names = {lb_host, db_host, *model_hosts} | ({monitoring_host} if monitoring_host else set())
+        hosts = {name: testinfra.get_host(f"podman://{name}") for name in sorted(names)}
+        # The scenarios' group_vars as the inventory gives them, untemplated: hence the vault_
+        # value, not zeus_api_admin_password ("{{ vault_zeus_admin_password }}").
+        model_vars = ansible.get_variables(model_hosts[0])
+        return cls(
             inventory_dir=inventory,
-            lb_host=group("lb")[0],
-            db_host=group("db")[0],
-            model_hosts=tuple(group("model_servers")),
-            monitoring_host=(sorted(listed.get("monitoring", {}).get("hosts", [])) or [None])[0],
+            hosts=hosts,
+            lb_host=lb_host,
+            db_host=db_host,
+            model_hosts=model_hosts,
+            monitoring_host=monitoring_host,
             admin_email=model_vars["zeus_api_admin_email"],
-            admin_password=all_vars["vault_zeus_admin_password"],
-            db_name=_group_vars("db")["postgresql_db_name"],
+            admin_password=model_vars["vault_zeus_admin_password"],
+            db_name=ansible.get_variables(db_host)["postgresql_db_name"],
+            addresses={name: host.interface.default("inet").addresses[0] for name, host in hosts.items()},
         )
-        for host in {deployment.lb_host, *deployment.model_hosts} | (
-            {deployment.monitoring_host} if deployment.monitoring_host else set()
-        ):
-            deployment.addresses[host] = container_address(host)
-        return deployment
 
     # --- HTTP through nginx ------------------------------------------------------------------
     @property
@@ -158,38 +131,24 @@ class Deployment:
     # --- systemd units -----------------------------------------------------------------------
     def units(self, host: str) -> list[Unit]:
         """Every loaded zeus-api@PORT unit of host, active or not."""
-        listed = run_on(host, "systemctl", "list-units", "zeus-api@*", "--all", "--no-legend", "--plain")
+        machine = self.hosts[host]
+        listed = machine.check_output("systemctl list-units %s --all --no-legend --plain", "zeus-api@*")
         units = []
-        for line in listed.splitlines():
-            match = re.match(r"zeus-api@(\d+)\.service\s", line)
-            if not match:
-                continue
-            port = int(match.group(1))
-            shown = dict(
-                entry.split("=", 1)
-                for entry in run_on(
-                    host,
-                    "systemctl",
-                    "show",
-                    f"zeus-api@{port}.service",
-                    "-p",
-                    "ActiveState,UnitFileState,MainPID,NRestarts",
-                ).splitlines()
-                if "=" in entry
-            )
-            # Instances of a template unit report "enabled" once a wants/ link names them.
-            enabled = run_on(host, "systemctl", "is-enabled", f"zeus-api@{port}.service", check=False).strip()
+        ports = sorted(int(port) for port in re.findall(r"^zeus-api@(\d+)\.service\s", listed, flags=re.M))
+        for port in ports:
+            # One `systemctl show`; UnitFileState is what `systemctl is-enabled` prints.
+            properties = machine.service(f"zeus-api@{port}.service").systemd_properties
             units.append(
                 Unit(
                     host=host,
                     port=port,
-                    active=shown.get("ActiveState") == "active",
-                    enabled=enabled == "enabled",
-                    main_pid=int(shown.get("MainPID") or 0),
-                    restarts=int(shown.get("NRestarts") or 0),
+                    active=properties.get("ActiveState") == "active",
+                    enabled=properties.get("UnitFileState") == "enabled",
+                    main_pid=int(properties.get("MainPID") or 0),
+                    restarts=int(properties.get("NRestarts") or 0),
                 )
             )
-        return sorted(units, key=lambda unit: unit.port)
+        return units
 
     def active_units(self) -> list[Unit]:
         return [unit for host in self.model_hosts for unit in self.units(host) if unit.active]
@@ -201,7 +160,7 @@ class Deployment:
     # --- nginx -------------------------------------------------------------------------------
     def upstream_endpoints(self) -> set[tuple[str, int]]:
         """(address, port) of every server in service in the upstreams of nginx's loaded configuration."""
-        config = run_on(self.lb_host, "nginx", "-T")
+        config = self.hosts[self.lb_host].check_output("nginx -T")
         endpoints: set[tuple[str, int]] = set()
         names_to_addresses = self.addresses
         for block in re.findall(r"^\s*upstream\s+\S+\s*\{(.*?)\}", config, flags=re.S | re.M):
@@ -240,10 +199,9 @@ class Deployment:
 
     # --- PostgreSQL --------------------------------------------------------------------------
     def sql(self, query: str) -> str:
-        return run_on(
-            self.db_host, "runuser", "-u", "postgres", "--", "psql", "-d", self.db_name, "-AXqt",
-            "-v", "ON_ERROR_STOP=1", "-c", query,
-        ).strip()  # fmt: skip
+        db = self.hosts[self.db_host]
+        with db.sudo("postgres"):
+            return db.check_output("psql -d %s -AXqt -v ON_ERROR_STOP=1 -c %s", self.db_name, query).strip()
 
     def sql_json(self, query: str) -> Any:
         """Runs a query whose single value is JSON (e.g. json_agg) and decodes it."""
