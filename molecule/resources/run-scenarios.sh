@@ -4,7 +4,9 @@
 # happens once: the default scenario creates, converges, checks idempotence and verifies; scale,
 # failover, upgrade, backup and engines then run their verify step against the same hosts (same
 # platform names, same Molecule state); the hosts are destroyed at the end, also after a failure.
-#   run-scenarios.sh [SCENARIO...]   default first whatever the order; default: all six
+#   run-scenarios.sh [SCENARIO...]   default first whatever the order; default: all but engines
+#   run-scenarios.sh default engines  the move of app2 to engine vllm and back (about 11 min more:
+#                                      outside CI's default set, which would pass 60 min with it)
 #   ZEUS_MOLECULE_KEEP_HOSTS=1 ...     keep the hosts after a failure, to look inside them
 #                                      (podman exec -it zeus-mol-app1 bash); the next run removes them
 set -euo pipefail
@@ -23,7 +25,8 @@ mkdir -p "$HOME" "$XDG_CACHE_HOME" "$ANSIBLE_HOME" "$work_dir/logs"
 
 # engines last: should its move to vLLM fail half-way, the others have already run on builtin.
 all_scenarios=(default scale failover upgrade backup engines)
-requested=("${@:-${all_scenarios[@]}}")
+ci_scenarios=(default scale failover upgrade backup)
+requested=("${@:-${ci_scenarios[@]}}")
 for scenario in "${requested[@]}"; do
     [[ -f molecule/$scenario/molecule.yml ]] \
         || { echo "unknown scenario '$scenario'; choose from: ${all_scenarios[*]}" >&2; exit 2; }

@@ -75,7 +75,7 @@ def test_killed_instance_fails_only_its_own_stream_and_comes_back(
             interval=2,
             what=f"systemd to restart zeus-api@{kill.port} on {kill.host}",
         )
-        # nginx sends requests to it again once its fail_timeout has passed.
+        # nginx sends requests to it again (refused connections meanwhile moved to the other instances).
 
         def nginx_uses_it_again() -> bool:
             with deployment.client(timeout=10) as probe:
