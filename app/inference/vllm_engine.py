@@ -66,6 +66,9 @@ logger = logging.getLogger(__name__)
 # Never reach for a model hub: a missing file must fail at start, not trigger a download.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# vLLM reports usage statistics to its project's server unless told not to (vllm/usage/usage_lib.py):
+# a company's private model servers send nothing out unless a site sets this to 0 itself.
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 
 # vLLM's tool-call parser for each model family (config.json's model_type), after the families'
 # own chat templates: Llama 3.x writes a bare JSON object, Qwen and Hermes-style fine-tunes wrap

@@ -280,3 +280,12 @@ def test_a_conversation_with_earlier_tool_calls_is_parsed_too(loaded_vllm_engine
 
     parsed = stream.feed(TextDelta(text="It is sunny.", token_count=4))
     assert parsed is not None and parsed.content == "It is sunny." and not parsed.tool_calls
+
+
+def test_vllm_sends_no_usage_statistics() -> None:
+    """A private deployment sends nothing to vLLM's project unless a site opts in itself."""
+    from vllm.usage.usage_lib import is_usage_stats_enabled
+
+    import app.inference.vllm_engine  # noqa: F401  (sets the default before vLLM reads it)
+
+    assert is_usage_stats_enabled() is False
