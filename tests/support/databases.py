@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,7 +45,23 @@ def fresh_database(label: str = "t", migrate: bool = True) -> Iterator[str]:
             run_migrations(url)
         yield url
     finally:
-        run_admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        drop_database(name)
+
+
+def drop_database(name: str, attempts: int = 10) -> None:
+    """DROP DATABASE ... WITH (FORCE). Without pg_signal_backend (a cluster other than
+    start-postgres.sh's), an autovacuum worker on the database makes the drop fail with
+    InsufficientPrivilege; it is retried while the worker finishes (seconds at most)."""
+    from sqlalchemy.exc import ProgrammingError
+
+    for attempt in range(attempts):
+        try:
+            run_admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            return
+        except ProgrammingError as error:
+            if "pg_signal_backend" not in str(error) or attempt == attempts - 1:
+                raise
+            time.sleep(0.5)
 
 
 def create_account(url: str, email: str, role: str, password: str = "correct horse battery") -> str:

@@ -24,5 +24,9 @@ BEGIN
   END IF;
 END
 $$;
+-- DROP DATABASE ... WITH (FORCE) terminates the sessions still on the database; an autovacuum
+-- worker there belongs to no role, and without pg_signal_backend the drop fails with
+-- "must be a member of the role whose process is being terminated" (seen in CI).
+GRANT pg_signal_backend TO zeus_test;
 SQL
 echo "PostgreSQL ${version} ready; tests use postgresql://zeus_test:zeus_test@127.0.0.1:5432/"

@@ -367,3 +367,53 @@ def test_admin_sets_the_default_system_prompt(new_session, web_server: LiveServe
         with api_client(web_server, web_server.admin) as client:
             client.put("/api/admin/chat-defaults", json={"default_system_prompt": ""})
     session.watch.assert_clean()
+
+
+def test_the_admins_unsaved_default_prompt_survives_a_late_load_and_a_panel_switch(
+    new_session, web_server: LiveServer
+) -> None:
+    """The stored default arriving after the admin started typing, or loaded again when the
+    System panel is shown again, never replaces the typing (it did, and Save saved the old one)."""
+    with api_client(web_server, web_server.admin) as client:
+        client.put(
+            "/api/admin/chat-defaults", json={"default_system_prompt": "Stored before."}
+        ).raise_for_status()
+    session = new_session()
+    page = session.page
+    held = []
+    page.route("**/api/conversations/defaults", lambda route: held.append(route))
+    try:
+        sign_in(page, web_server, web_server.admin, path="/admin.html")
+        field = page.get_by_label("Default system prompt for new conversations")
+        expect(field).to_be_visible()
+        for _ in range(100):
+            if held:
+                break
+            page.wait_for_timeout(50)
+        assert held, "the form did not ask for the stored default"
+        typed = "Typed before the stored one arrived."
+        field.fill(typed)
+        with page.expect_response("**/api/conversations/defaults"):
+            held.pop().continue_()
+        page.unroute("**/api/conversations/defaults")
+        expect(field).to_have_value(typed)
+        page.get_by_role("tab", name="Users").click()
+        page.get_by_role("tab", name="System").click()
+        expect(field).to_be_visible()
+        page.wait_for_timeout(300)
+        expect(field).to_have_value(typed)
+        page.get_by_role("button", name="Save default").click()
+        expect(page.locator("#chat-defaults-status")).to_contain_text("Saved")
+        with api_client(web_server, web_server.admin) as client:
+            stored = client.get("/api/conversations/defaults").json()["default_system_prompt"]
+        assert stored == typed
+        # Once saved, showing the panel again reads the stored value (another admin's change).
+        with api_client(web_server, web_server.admin) as client:
+            client.put("/api/admin/chat-defaults", json={"default_system_prompt": "Changed elsewhere."})
+        page.get_by_role("tab", name="Users").click()
+        page.get_by_role("tab", name="System").click()
+        expect(field).to_have_value("Changed elsewhere.")
+    finally:
+        with api_client(web_server, web_server.admin) as client:
+            client.put("/api/admin/chat-defaults", json={"default_system_prompt": ""})
+    session.watch.assert_clean()
