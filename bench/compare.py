@@ -284,6 +284,11 @@ def _ratios(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _client_and_engine_ttft(metrics: dict[str, Any]) -> str:
+    engine = metrics.get("server_ttft_mean_ms")
+    return "" if engine is None else f"{metrics['ttft_ms']['mean']:.0f} / {engine:.0f}"
+
+
 def main(arguments: argparse.Namespace) -> int:
     if arguments.database_url is None and any(s.startswith("zeus-") for s in arguments.systems.split(",")):
         raise SystemExit("--database-url (or ZEUS_DATABASE_URL) is needed for the Zeus systems")
@@ -292,8 +297,10 @@ def main(arguments: argparse.Namespace) -> int:
     columns = (
         "system | conc | done | fail | out tok/s | TTFT p50 (ms) | TPOT p50 (ms) | TTFT p50 by turn (ms)"
     )
-    print(f"| {columns} | prefix hit |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    # TTFT mean at the client and in the engine (vLLM's histogram, arrival to first token): the
+    # difference is the serving layer's share (routing, authentication, admission, the template).
+    print(f"| {columns} | prefix hit | TTFT mean client / engine (ms) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in record["results"]:
         metrics = row["metrics"]
         turns = metrics.get("ttft_p50_ms_by_turn")
@@ -303,7 +310,7 @@ def main(arguments: argparse.Namespace) -> int:
             f"{metrics['output_throughput']:.1f} | {metrics['ttft_ms']['median']:.0f} | "
             f"{metrics['tpot_ms']['median']:.1f} | "
             f"{'' if not turns else ', '.join('-' if v is None else f'{v:.0f}' for v in turns)} | "
-            f"{'' if hit is None else f'{hit:.1%}'} |"
+            f"{'' if hit is None else f'{hit:.1%}'} | {_client_and_engine_ttft(metrics)} |"
         )
     print()
     for line in _ratios(record["results"]):

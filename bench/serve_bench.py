@@ -165,23 +165,47 @@ async def _one_request(
     return record
 
 
-async def _scrape_prefix_cache(client: Any, urls: list[str]) -> tuple[float, float] | None:
-    """(hits, queries) in tokens, summed over the instances; None when no instance reports them."""
-    hits = queries = 0.0
-    found = False
+# Counters read from the instances' /metrics before and after a chat run (summed over instances):
+# the prefix cache (tokens) and vLLM's TTFT histogram, whose mean is the time from the engine's
+# arrival to the first token (vLLM: after the server rendered and tokenized the prompt; Zeus: from
+# its submit, after authentication and admission). Client TTFT minus it is the serving layer's.
+SCRAPED = (
+    "vllm:prefix_cache_hits_total",
+    "vllm:prefix_cache_queries_total",
+    "vllm:time_to_first_token_seconds_sum",
+    "vllm:time_to_first_token_seconds_count",
+)
+
+
+async def _scrape(client: Any, urls: list[str]) -> dict[str, float]:
+    """SCRAPED's series summed over the instances (labels ignored); absent ones are left out."""
+    totals: dict[str, float] = {}
     for url in urls:
         response = await client.get(url)
         response.raise_for_status()
         for line in response.text.splitlines():
             name = line.split("{", 1)[0].split(" ", 1)[0]
-            if name in ("vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total"):
-                value = float(line.rsplit(" ", 1)[1])
-                found = True
-                if name.endswith("hits_total"):
-                    hits += value
-                else:
-                    queries += value
-    return (hits, queries) if found else None
+            if name in SCRAPED:
+                totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+async def _scrape_prefix_cache(client: Any, urls: list[str]) -> tuple[float, float] | None:
+    """(hits, queries) in tokens, summed over the instances; None when no instance reports them."""
+    totals = await _scrape(client, urls)
+    if "vllm:prefix_cache_queries_total" not in totals:
+        return None
+    return totals.get("vllm:prefix_cache_hits_total", 0.0), totals["vllm:prefix_cache_queries_total"]
+
+
+def _delta_ratio(
+    before: dict[str, float], after: dict[str, float], numerator: str, denominator: str
+) -> float | None:
+    """(after - before) of numerator over that of denominator; None when one is missing or unchanged."""
+    if not all(name in series for name in (numerator, denominator) for series in (before, after)):
+        return None
+    change = after[denominator] - before[denominator]
+    return (after[numerator] - before[numerator]) / change if change > 0 else None
 
 
 async def _run_chat(
@@ -196,7 +220,7 @@ async def _run_chat(
         arguments.users * arguments.turns, arguments.input_len, arguments.seed, tokenizer
     )
     by_turn: list[list[RequestRecord]] = [[] for _ in range(arguments.turns)]
-    before = await _scrape_prefix_cache(client, metrics_urls) if metrics_urls else None
+    before = await _scrape(client, metrics_urls) if metrics_urls else {}
 
     async def conversation(user: int) -> list[RequestRecord]:
         messages = [{"role": "system", "content": system_prompt}]
@@ -220,7 +244,7 @@ async def _run_chat(
     started = time.perf_counter()
     per_user = await asyncio.gather(*(conversation(user) for user in range(arguments.users)))
     duration = time.perf_counter() - started
-    after = await _scrape_prefix_cache(client, metrics_urls) if metrics_urls else None
+    after = await _scrape(client, metrics_urls) if metrics_urls else {}
     slos = parse_slos(arguments.goodput)
     metrics = summarize([record for records in per_user for record in records], duration, slos)
     metrics["ttft_p50_ms_by_turn"] = [
@@ -242,9 +266,13 @@ async def _run_chat(
     metrics["same_instance_share"] = (
         sum(earlier == later for earlier, later in followed) / len(followed) if followed else None
     )
-    metrics["prefix_cache_hit_rate"] = None
-    if before is not None and after is not None and after[1] > before[1]:
-        metrics["prefix_cache_hit_rate"] = (after[0] - before[0]) / (after[1] - before[1])
+    metrics["prefix_cache_hit_rate"] = _delta_ratio(
+        before, after, "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total"
+    )
+    server_ttft_s = _delta_ratio(
+        before, after, "vllm:time_to_first_token_seconds_sum", "vllm:time_to_first_token_seconds_count"
+    )
+    metrics["server_ttft_mean_ms"] = None if server_ttft_s is None else server_ttft_s * 1000
     return {"system": "chat", "concurrency": arguments.users, "request_rate": None, "metrics": metrics}
 
 
@@ -359,6 +387,13 @@ def main(arguments: argparse.Namespace) -> int:
             print(f"chat TTFT p50 by turn (ms): {turns}")
             rate = metrics["prefix_cache_hit_rate"]
             print("prefix-cache hit rate: " + ("not reported" if rate is None else f"{rate:.1%}"))
+            server = metrics["server_ttft_mean_ms"]
+            if server is not None:
+                client_mean = metrics["ttft_ms"]["mean"]
+                print(
+                    f"TTFT mean {client_mean:.0f} ms at the client, {server:.0f} ms in the engine "
+                    f"(arrival to first token): {client_mean - server:.0f} ms in the serving layer"
+                )
     json_path, plot_path = write_outputs("serve", record, arguments.copy_plot_to)
     print(f"wrote {json_path} and {plot_path}")
     return 0 if all(row["metrics"]["failed"] == 0 for row in record["results"]) else 1

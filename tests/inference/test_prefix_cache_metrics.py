@@ -52,3 +52,34 @@ async def test_the_builtin_engine_exports_no_prefix_cache_series(make_engine: En
     metrics = Metrics(engine.stats, lambda: 0)
     assert "prefix_cache" not in metrics.render().decode()
     assert await scrape(metrics) is None
+
+
+def test_the_chat_benchmark_reads_the_engines_ttft_mean_from_the_histogram() -> None:
+    """bench's "TTFT mean client / engine" column: the run's delta of vLLM's TTFT histogram."""
+    from bench.serve_bench import _delta_ratio, _scrape
+
+    metrics = Metrics(lambda: stats(), lambda: 0)
+
+    async def totals() -> dict[str, float]:
+        def answer(request: httpx.Request) -> httpx.Response:
+            return httpx.Response(200, content=metrics.render())
+
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+            return await _scrape(client, ["http://a/metrics", "http://b/metrics"])
+
+    metrics.on_first_token(5.0)  # before the run: not counted
+    before = asyncio.run(totals())
+    metrics.on_first_token(0.2)
+    metrics.on_first_token(0.4)
+    after = asyncio.run(totals())
+    # Two instances answering the same registry: sums and counts double, the mean does not.
+    ttft = _delta_ratio(
+        before, after, "vllm:time_to_first_token_seconds_sum", "vllm:time_to_first_token_seconds_count"
+    )
+    assert ttft is not None and abs(ttft - 0.3) < 1e-9
+    assert (
+        _delta_ratio(
+            before, before, "vllm:time_to_first_token_seconds_sum", "vllm:time_to_first_token_seconds_count"
+        )
+        is None
+    )
