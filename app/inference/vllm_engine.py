@@ -30,6 +30,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -275,12 +276,13 @@ class VLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         try:
-            self._llm = AsyncLLM.from_vllm_config(
-                self._vllm_config,
-                stat_loggers=[self._stat_logger_factory()],
-                enable_log_requests=False,
-                disable_log_stats=False,
-            )
+            with _cpu_rank_environment(self._vllm_config, self.config.tensor_parallel_size):
+                self._llm = AsyncLLM.from_vllm_config(
+                    self._vllm_config,
+                    stat_loggers=[self._stat_logger_factory()],
+                    enable_log_requests=False,
+                    disable_log_stats=False,
+                )
         except Exception as error:
             message = f"vLLM did not start the model {self.model_name}: {one_line(error)}"
             # The server's lifespan prints a traceback; this line says what went wrong.
@@ -763,6 +765,66 @@ def _stream_delta(message: Any) -> ToolStreamDelta | None:
     if not message.content and not calls:
         return None
     return ToolStreamDelta(content=message.content or None, tool_calls=calls)
+
+
+def cpu_rank_binding(cores: list[int], tensor_parallel_size: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for tensor_parallel_size ranks on these (sorted) cores: equal
+    groups in order, one per rank ("0|1", "0-3|4-7", "0,2|4,6"); the cores left over by the
+    division stay unused.
+    Raises ModelLoadError when there are fewer cores than ranks."""
+    if len(cores) < tensor_parallel_size:
+        raise ModelLoadError(
+            f"ZEUS_TENSOR_PARALLEL_SIZE={tensor_parallel_size} on a CPU host needs at least that many "
+            f"cores (one per rank); this process may use {len(cores)}: lower it or give it more cores"
+        )
+    per_rank = len(cores) // tensor_parallel_size
+    groups = [cores[rank * per_rank : (rank + 1) * per_rank] for rank in range(tensor_parallel_size)]
+    return "|".join(_id_list(group) for group in groups)
+
+
+def _id_list(cores: list[int]) -> str:
+    """[0, 1, 2, 5] as "0-2,5" (vLLM parses "5,2-4" lists)."""
+    runs: list[list[int]] = []
+    for core in cores:
+        if runs and core == runs[-1][-1] + 1:
+            runs[-1].append(core)
+        else:
+            runs.append([core])
+    return ",".join(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}" for run in runs)
+
+
+@contextlib.contextmanager
+def _cpu_rank_environment(vllm_config: Any, tensor_parallel_size: int) -> Iterator[None]:
+    """vLLM's CPU build binds each rank's threads to a NUMA node of its own unless told which
+    cores to use: on a one-node host (most VMs) tensor parallel 2 failed to start with "Not enough
+    allowed NUMA nodes to bind threads of 2 local CPUWorkers". With more than one rank on the CPU
+    and no VLLM_CPU_OMP_THREADS_BIND set (the Ansible role sets one per instance), the cores this
+    process may use are split between the ranks in order, none kept back for the API process, as
+    the role does. Set only while the engine core starts (its processes inherit it), so the
+    process's environment is left as it was. A site whose core numbering does not follow its
+    sockets sets VLLM_CPU_OMP_THREADS_BIND itself."""
+    if (
+        tensor_parallel_size <= 1
+        or os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+        or vllm_config.device_config.device_type != "cpu"
+    ):
+        yield
+        return
+    binding = cpu_rank_binding(sorted(os.sched_getaffinity(0)), tensor_parallel_size)
+    logger.info("zeus: tensor parallel %d on the CPU: ranks bound to cores %s", tensor_parallel_size, binding)
+    saved = {
+        name: os.environ.get(name) for name in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")
+    }
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _kv_cache_bytes(config: VLLMEngineConfig) -> int | None:

