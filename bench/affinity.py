@@ -111,19 +111,21 @@ def main(arguments: argparse.Namespace) -> int:
     print()
     print(
         "| balancing | done | fail | out tok/s | TTFT p50 (ms) | TTFT p50 by turn (ms) "
-        "| turns on the previous turn's instance | prefix hit |"
+        "| turns on the previous turn's instance | turns per instance | prefix hit |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in record["results"]:
         metrics = row["metrics"]
         turns = metrics.get("ttft_p50_ms_by_turn") or []
         hit = metrics.get("prefix_cache_hit_rate")
         same = metrics.get("same_instance_share")
         by_turn = ", ".join("-" if v is None else f"{v:.0f}" for v in turns)
+        split = "/".join(str(count) for count in (metrics.get("requests_by_instance") or {}).values()) or "-"
         print(
             f"| {row['mode']} | {metrics['completed']} | {metrics['failed']} | "
             f"{metrics['output_throughput']:.1f} | {metrics['ttft_ms']['median']:.0f} | {by_turn} | "
-            f"{'-' if same is None else f'{same:.0%}'} | {'not reported' if hit is None else f'{hit:.1%}'} |"
+            f"{'-' if same is None else f'{same:.0%}'} | {split} | "
+            f"{'not reported' if hit is None else f'{hit:.1%}'} |"
         )
     line = ratio_line(record["results"])
     print()

@@ -169,9 +169,10 @@ def start_instances(
     for index in range(count):
         port = _free_port()
         command, env, health = _command(system, arguments, port)
-        if system == "zeus-vllm" and cores >= count:
-            # One core each (vLLM binds its OpenMP threads; without this every instance would
-            # compute on core 0, the default placement on a small host).
+        if system == "zeus-vllm":
+            # One core each, in turn when there are more instances than cores (vLLM binds its
+            # OpenMP threads; without this every instance would compute on core 0, the default
+            # placement on a small host).
             env["VLLM_CPU_OMP_THREADS_BIND"] = str(index % cores)
             env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
         log = RESULTS_DIR / f"{label}-instance{index}-{time.strftime('%Y%m%d-%H%M%S')}.log"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import itertools
 import json
 import random
@@ -266,6 +267,12 @@ async def _run_chat(
     metrics["same_instance_share"] = (
         sum(earlier == later for earlier, later in followed) / len(followed) if followed else None
     )
+    # Requests per instance: consistent hashing splits a few users unevenly (each instance's cache
+    # then holds a different number of conversations), which explains a hit rate.
+    served = collections.Counter(
+        record.instance for records in per_user for record in records if record.instance
+    )
+    metrics["requests_by_instance"] = dict(sorted(served.items()))
     metrics["prefix_cache_hit_rate"] = _delta_ratio(
         before, after, "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total"
     )

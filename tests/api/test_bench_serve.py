@@ -38,6 +38,7 @@ async def test_chat_workload_resends_the_growing_history_each_turn(zeus: Zeus) -
     assert metrics["prefix_cache_hit_rate"] is None
     # One instance answered every turn, and named itself (X-Zeus-Instance).
     assert metrics["same_instance_share"] == 1.0
+    assert list(metrics["requests_by_instance"].values()) == [6], metrics["requests_by_instance"]
 
 
 async def test_single_turn_levels(zeus: Zeus) -> None:
