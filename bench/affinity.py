@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -44,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(systems="zeus-vllm", concurrency="")
     parser.add_argument("--instances", type=int, default=2, help="Zeus instances behind nginx")
     parser.add_argument("--modes", default=",".join(MODES), help="nginx_balancing values, in order")
+    parser.add_argument("--copy-plot-to", type=Path, default=None, help="also copy the PNG here (docs/...)")
 
 
 def run(arguments: argparse.Namespace) -> dict[str, Any]:
@@ -104,6 +106,39 @@ def ratio_line(rows: list[dict[str, Any]]) -> str | None:
     )
 
 
+def plot(record: dict[str, Any], path: Path) -> None:
+    """PNG of one record: TTFT p50 by turn for each mode (the history each turn resends grows, and
+    only a turn that finds it cached starts fast), and each mode's prefix-cache hit rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    rows = record["results"]
+    figure, (ttft_axes, hit_axes) = pyplot.subplots(
+        1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [2.2, 1]}
+    )
+    for index, row in enumerate(rows):
+        turns = row["metrics"].get("ttft_p50_ms_by_turn") or []
+        ttft_axes.plot(range(1, len(turns) + 1), turns, marker="o", color=f"C{index}", label=row["mode"])
+    ttft_axes.set_xlabel("turn of the conversation")
+    ttft_axes.set_ylabel("TTFT p50 (ms)")
+    ttft_axes.set_yscale("log")
+    ttft_axes.set_title("time to first token by turn")
+    ttft_axes.grid(True, alpha=0.3)
+    ttft_axes.legend()
+    rates = [100 * (row["metrics"].get("prefix_cache_hit_rate") or 0) for row in rows]
+    bars = hit_axes.bar([row["mode"] for row in rows], rates, color=[f"C{i}" for i in range(len(rows))])
+    hit_axes.bar_label(bars, fmt="%.1f%%")
+    hit_axes.set_ylim(0, 100)
+    hit_axes.set_ylabel("prompt tokens found in the prefix cache (%)")
+    hit_axes.set_title("prefix-cache hit rate")
+    figure.suptitle(f"{record['title']}: {ratio_line(rows) or 'ratio not measured'}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    pyplot.close(figure)
+
+
 def main(arguments: argparse.Namespace) -> int:
     if arguments.database_url is None:
         raise SystemExit("--database-url (or ZEUS_DATABASE_URL) is needed: a database Zeus may migrate")
@@ -132,5 +167,9 @@ def main(arguments: argparse.Namespace) -> int:
     print(line or "ratio: not measured (a hit rate is missing)")
     path = RESULTS_DIR / f"affinity-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    print(f"wrote {path}")
+    plot(record, path.with_suffix(".png"))
+    if arguments.copy_plot_to is not None:
+        arguments.copy_plot_to.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path.with_suffix(".png"), arguments.copy_plot_to)
+    print(f"wrote {path} and {path.with_suffix('.png')}")
     return 0 if all(row["metrics"]["failed"] == 0 for row in record["results"]) else 1
