@@ -29,6 +29,7 @@ import itertools
 import json
 import random
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -223,6 +224,13 @@ async def _run_chat(
     by_turn: list[list[RequestRecord]] = [[] for _ in range(arguments.turns)]
     before = await _scrape(client, metrics_urls) if metrics_urls else {}
 
+    # The OpenAI `user` field of each simulated user: an opaque id, as clients send (a UUID or a
+    # hashed account), drawn from the run's seed.
+    names = random.Random(arguments.seed)
+    user_ids = [
+        f"bench-{uuid.UUID(int=names.getrandbits(128), version=4).hex}" for _ in range(arguments.users)
+    ]
+
     async def conversation(user: int) -> list[RequestRecord]:
         messages = [{"role": "system", "content": system_prompt}]
         records = []
@@ -232,7 +240,7 @@ async def _run_chat(
                 await asyncio.sleep(pauses.expovariate(1 / arguments.think_time))
             messages.append({"role": "user", "content": questions[user * arguments.turns + turn]})
             record = await _one_request(
-                client, arguments, model, list(messages), api_key=keys[user % len(keys)], user=f"bench-{user}"
+                client, arguments, model, list(messages), api_key=keys[user % len(keys)], user=user_ids[user]
             )
             progress.update(1)
             records.append(record)
