@@ -259,18 +259,29 @@ def run(arguments: argparse.Namespace) -> dict[str, Any]:
 
 
 def _ratios(rows: list[dict[str, Any]]) -> list[str]:
-    def find(server: str, kind: str, level: int) -> dict[str, Any] | None:
-        for row in rows:
-            if row["server"] == server and row["system"].endswith("/" + kind) and row["concurrency"] == level:
-                return row["metrics"]
-        return None
+    """One line per Zeus vllm row against the bare vLLM row of the same workload run last before
+    it (with --systems vllm-serve,zeus-vllm,vllm-serve,zeus-vllm each pair is compared on its own,
+    so that a drift of the machine between pairs does not enter a ratio), else the first after."""
+
+    def find(index: int, kind: str, level: int) -> dict[str, Any] | None:
+        def same(row: dict[str, Any]) -> bool:
+            return (
+                row["server"] == "vllm-serve"
+                and row["system"].endswith("/" + kind)
+                and row["concurrency"] == level
+            )
+
+        before = [row for row in rows[:index] if same(row)]
+        after = [row for row in rows[index + 1 :] if same(row)]
+        found = before[-1] if before else (after[0] if after else None)
+        return None if found is None else found["metrics"]
 
     lines = []
-    for row in rows:
+    for index, row in enumerate(rows):
         if row["server"] != "zeus-vllm":
             continue
         kind = row["system"].split("/", 1)[1]
-        bare = find("vllm-serve", kind, row["concurrency"])
+        bare = find(index, kind, row["concurrency"])
         if bare is None:
             continue
         zeus = row["metrics"]
