@@ -25,15 +25,12 @@ bench/results/.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from bench import compare
-from bench.report import RESULTS_DIR
+from bench.report import RESULTS_DIR, write_outputs
 
 REPO_ROOT = compare.REPO_ROOT
 MODES = ("affinity", "least_conn")
@@ -106,15 +103,14 @@ def ratio_line(rows: list[dict[str, Any]]) -> str | None:
     )
 
 
-def plot(record: dict[str, Any], path: Path) -> None:
-    """PNG of one record: TTFT p50 by turn for each mode (the history each turn resends grows, and
-    only a turn that finds it cached starts fast), and each mode's prefix-cache hit rate."""
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """PNG of one run's rows: TTFT p50 by turn for each mode (the history each turn resends grows,
+    and only a turn that finds it cached starts fast), and each mode's prefix-cache hit rate."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    rows = record["results"]
     figure, (ttft_axes, hit_axes) = pyplot.subplots(
         1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [2.2, 1]}
     )
@@ -133,7 +129,7 @@ def plot(record: dict[str, Any], path: Path) -> None:
     hit_axes.set_ylim(0, 100)
     hit_axes.set_ylabel("prompt tokens found in the prefix cache (%)")
     hit_axes.set_title("prefix-cache hit rate")
-    figure.suptitle(f"{record['title']}: {ratio_line(rows) or 'ratio not measured'}", fontsize=9)
+    figure.suptitle(f"{title}: {ratio_line(rows) or 'ratio not measured'}", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     pyplot.close(figure)
@@ -165,11 +161,6 @@ def main(arguments: argparse.Namespace) -> int:
     line = ratio_line(record["results"])
     print()
     print(line or "ratio: not measured (a hit rate is missing)")
-    path = RESULTS_DIR / f"affinity-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    plot(record, path.with_suffix(".png"))
-    if arguments.copy_plot_to is not None:
-        arguments.copy_plot_to.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path.with_suffix(".png"), arguments.copy_plot_to)
-    print(f"wrote {path} and {path.with_suffix('.png')}")
+    json_path, plot_path = write_outputs("affinity", record, arguments.copy_plot_to, draw=plot)
+    print(f"wrote {json_path} and {plot_path}")
     return 0 if all(row["metrics"]["failed"] == 0 for row in record["results"]) else 1

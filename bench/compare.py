@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -271,9 +272,8 @@ def _ratios(rows: list[dict[str, Any]]) -> list[str]:
                 and row["concurrency"] == level
             )
 
-        before = [row for row in rows[:index] if same(row)]
-        after = [row for row in rows[index + 1 :] if same(row)]
-        found = before[-1] if before else (after[0] if after else None)
+        nearest_first = itertools.chain(reversed(rows[:index]), rows[index + 1 :])
+        found = next((row for row in nearest_first if same(row)), None)
         return None if found is None else found["metrics"]
 
     lines = []

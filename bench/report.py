@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +48,20 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(mode: str, record: dict[str, Any], copy_plot_to: Path | None = None) -> tuple[Path, Path]:
+def write_outputs(
+    mode: str,
+    record: dict[str, Any],
+    copy_plot_to: Path | None = None,
+    draw: Callable[[list[dict[str, Any]], Path, str], None] | None = None,
+) -> tuple[Path, Path]:
+    """bench/results/MODE-STAMP.json and .png (drawn by `draw(rows, path, title)`, by default
+    `plot`: tok/s and TTFT against concurrency), and the PNG copied to `copy_plot_to` if given."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     json_path = RESULTS_DIR / f"{mode}-{stamp}.json"
     json_path.write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
     plot_path = RESULTS_DIR / f"{mode}-{stamp}.png"
-    plot(record["results"], plot_path, title=record.get("title", mode))
+    (draw or plot)(record["results"], plot_path, record.get("title", mode))
     if copy_plot_to is not None:
         copy_plot_to.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(plot_path, copy_plot_to)

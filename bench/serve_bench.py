@@ -255,7 +255,8 @@ async def _run_chat(
     duration = time.perf_counter() - started
     after = await _scrape(client, metrics_urls) if metrics_urls else {}
     slos = parse_slos(arguments.goodput)
-    metrics = summarize([record for records in per_user for record in records], duration, slos)
+    every = [record for records in per_user for record in records]
+    metrics = summarize(every, duration, slos)
     metrics["ttft_p50_ms_by_turn"] = [
         summarize(records, duration, slos)["ttft_ms"]["median"] if records else None for records in by_turn
     ]
@@ -277,9 +278,7 @@ async def _run_chat(
     )
     # Requests per instance: consistent hashing splits a few users unevenly (each instance's cache
     # then holds a different number of conversations), which explains a hit rate.
-    served = collections.Counter(
-        record.instance for records in per_user for record in records if record.instance
-    )
+    served = collections.Counter(record.instance for record in every if record.instance)
     metrics["requests_by_instance"] = dict(sorted(served.items()))
     metrics["prefix_cache_hit_rate"] = _delta_ratio(
         before, after, "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total"

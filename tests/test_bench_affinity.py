@@ -37,6 +37,7 @@ def test_the_verdict_compares_the_ratio_with_the_floor() -> None:
 
 def test_the_plot_is_a_png(tmp_path: Path) -> None:
     path = tmp_path / "affinity.png"
-    affinity.plot(record(0.87, 0.58), path)
+    run = record(0.87, 0.58)
+    affinity.plot(run["results"], path, run["title"])
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert path.stat().st_size > 10_000  # two panels drawn, not an empty canvas
