@@ -172,10 +172,10 @@ def exit_process(code: int) -> None:
 
 
 async def _exit_when_the_engine_fails(state: ZeusState) -> None:
-    # `failure` (a reason, or None) is the built-in engine's; an engine without it never fails so.
+    # `failure`: a reason, or None (the engine contract).
     # Polled rather than awaited: the engine's thread sets it, and an engine's contract has no event.
     while True:
-        failure = getattr(state.engine, "failure", None)
+        failure = state.engine.failure
         if failure is not None:
             break
         await asyncio.sleep(0.5)

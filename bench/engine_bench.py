@@ -173,7 +173,7 @@ async def _run_naive_level(
     one_at_a_time = asyncio.Lock()
 
     async def send(prompt: str, record: RequestRecord) -> None:
-        prompt_ids = engine.prompt_token_ids(GenerationRequest(prompt=prompt))
+        prompt_ids = engine.render(GenerationRequest(prompt=prompt))
         async with one_at_a_time:
             await asyncio.to_thread(_generate_one, engine.model, prompt_ids, output_len, record, threads)
 
@@ -228,7 +228,7 @@ async def run(arguments: argparse.Namespace) -> dict[str, Any]:
         *(engine.submit(GenerationRequest(prompt=p, params=warm)).result() for p in warm_prompts)
     )
     if naive_levels:
-        warm_ids = engine.prompt_token_ids(GenerationRequest(prompt=warm_prompts[0]))
+        warm_ids = engine.render(GenerationRequest(prompt=warm_prompts[0]))
         await asyncio.to_thread(
             _generate_one, engine.model, warm_ids, 8, RequestRecord(sent_at=0.0), torch_threads
         )

@@ -21,6 +21,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from app.inference.limits import (
+    LOGIT_BIAS_RANGE,
+    MAX_STOP_STRINGS,
+    MAX_TOP_LOGPROBS,
+    PENALTY_RANGE,
+    SEED_RANGE,
+    check_max_tokens,
+)
 from app.inference.types import (
     EngineFullError,
     GenerationRequest,
@@ -28,14 +36,6 @@ from app.inference.types import (
     PromptTooLongError,
     SamplingParams,
 )
-
-MAX_STOP_STRINGS = 16
-# OpenAI's ranges (vLLM accepts the same).
-MAX_TOP_LOGPROBS = 20
-PENALTY_RANGE = (-2.0, 2.0)
-LOGIT_BIAS_RANGE = (-100.0, 100.0)
-SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
-
 
 # ----- the prompt ------------------------------------------------------------------------------
 
@@ -126,14 +126,7 @@ def check_sampling(params: SamplingParams, *, max_new_tokens: int, vocab_size: i
     (off) or positive; min_p in [0, 1]; presence and frequency penalties in [-2, 2];
     repetition_penalty finite and > 0; logit_bias ids in the vocabulary with biases in [-100, 100];
     seed in [-2^63, 2^64 - 1]; top_logprobs in [0, 20]; at most 16 stop strings."""
-    if params.max_tokens < 1:
-        raise InvalidRequestError(
-            f"max_tokens must be at least 1, got {params.max_tokens}", param="max_tokens"
-        )
-    if params.max_tokens > max_new_tokens:
-        raise InvalidRequestError(
-            f"max_tokens {params.max_tokens} exceeds the limit of {max_new_tokens}", param="max_tokens"
-        )
+    check_max_tokens(params.max_tokens, limit=max_new_tokens)
     if not _finite_in(params.temperature, 0.0, math.inf):
         raise InvalidRequestError(
             f"temperature must be a finite number, 0 (greedy) or more, got {params.temperature}",

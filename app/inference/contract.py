@@ -13,7 +13,7 @@ request's stream with a GenerationResult whose finish_reason is "error".
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from app.inference.stream import RequestStream
 from app.inference.types import EngineObserver, EngineStats, GenerationRequest, TextDelta
@@ -121,13 +121,35 @@ class Engine(Protocol):
 
     def stats(self) -> EngineStats: ...
 
+    @property
+    def failure(self) -> str | None:
+        """Why the engine stopped working for good, else None. Once set, submit() refuses
+        everything, /api/health answers 503 with it and the process exits (systemd restarts it)."""
+        ...
+
+    @property
+    def healthy(self) -> bool:
+        """`failure is None`."""
+        ...
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's Hugging Face tokenizer (the serving layer's tool-call parsers read it)."""
+        ...
+
+    def render(self, request: GenerationRequest) -> list[int]:
+        """The token ids the model will see for this request (chat template applied, with the
+        tools when given); raises InvalidRequestError for a request that cannot be rendered.
+        The serving layer renders once and passes the ids on in `request.prompt_token_ids`."""
+        ...
+
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        """Tokens the model would see for this request (chat template applied); raises
-        InvalidRequestError for a request that cannot be rendered."""
+        """len(render(request))."""
         ...
 
     def submit(self, request: GenerationRequest) -> RequestStream:
-        """Queue a request; raises at once when it cannot be served."""
+        """Queue a request (its `prompt_token_ids` when set, else rendered here); raises at once
+        when it cannot be served."""
         ...
 
     def extract_tool_calls(self, text: str, request: GenerationRequest) -> ToolCallExtraction:

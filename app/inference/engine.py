@@ -389,7 +389,7 @@ class InferenceEngine:
 
     # ----- submission (event loop thread) ---------------------------------------------------
 
-    def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
+    def render(self, request: GenerationRequest) -> list[int]:
         """The token ids the model will see for this request (chat template applied; admission.py)."""
         if request.tools:
             # The API refuses tools for this engine before; a direct caller learns why here.
@@ -397,7 +397,7 @@ class InferenceEngine:
         return admission.prompt_token_ids(self._tokenizer, request, self.model_name)
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        return len(self.prompt_token_ids(request))
+        return len(self.render(request))
 
     def _checked_params(self, params: SamplingParams, request_id: str) -> SamplingParams:
         """Refuse what cannot be sampled safely (naming the field and its range); make the rest safe.
@@ -436,7 +436,9 @@ class InferenceEngine:
         if not self._accepting:
             raise EngineClosedError("the engine is not accepting requests (not started or shutting down)")
         params = self._checked_params(request.params, request.request_id)
-        prompt_ids = self.prompt_token_ids(request)
+        prompt_ids = (
+            list(request.prompt_token_ids) if request.prompt_token_ids is not None else self.render(request)
+        )
         admission.check_prompt(
             request,
             params,

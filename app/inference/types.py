@@ -75,6 +75,9 @@ class GenerationRequest:
     prompt: str | None = None
     request_id: str = ""
     tools: tuple[dict[str, Any], ...] | None = None
+    # The prompt as the serving layer rendered it (Engine.render), so the engine does not render
+    # it again; None: the engine renders `messages` or `prompt` itself.
+    prompt_token_ids: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -247,6 +247,16 @@ class VLLMEngine:
         return self._context_length
 
     @property
+    def failure(self) -> str | None:
+        """None: a dead vLLM engine core makes AsyncLLM raise EngineDeadError into each request,
+        which ends with finish_reason "error"."""
+        return None
+
+    @property
+    def healthy(self) -> bool:
+        return self.failure is None
+
+    @property
     def tokenizer(self) -> Any:
         return self._tokenizer
 
@@ -327,13 +337,13 @@ class VLLMEngine:
 
     # ----- prompts -------------------------------------------------------------------------
 
-    def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
+    def render(self, request: GenerationRequest) -> list[int]:
         """The token ids the model will see (chat template applied, with the tools when given;
         rendered as the built-in engine renders them: admission.py)."""
         return admission.prompt_token_ids(self._tokenizer, request, self.model_name)
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        return len(self.prompt_token_ids(request))
+        return len(self.render(request))
 
     def _validate(self, request: GenerationRequest, prompt_length: int) -> None:
         """The built-in engine's refusals, with the same errors and sizes (admission.py)."""
@@ -396,7 +406,9 @@ class VLLMEngine:
         """Queue a request; raises at once when it cannot be served (see types.py for the errors)."""
         if not self._accepting or self._llm is None:
             raise EngineClosedError("the engine is not accepting requests (not started or shutting down)")
-        prompt_ids = self.prompt_token_ids(request)
+        prompt_ids = (
+            list(request.prompt_token_ids) if request.prompt_token_ids is not None else self.render(request)
+        )
         self._validate(request, len(prompt_ids))
         sampling_params = self._sampling_params(request.params)
         capacity = self.config.max_batch_size + self.config.max_queue

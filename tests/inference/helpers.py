@@ -21,7 +21,7 @@ def chat(text: str, **params: Any) -> GenerationRequest:
 
 def reference_tokens(engine: InferenceEngine, request: GenerationRequest) -> list[int]:
     """What plain `model.generate` produces for this request alone (greedy)."""
-    prompt_ids = engine.prompt_token_ids(request)
+    prompt_ids = engine.render(request)
     params = request.params
     kwargs: dict[str, Any] = {}
     if params.ignore_eos:

@@ -194,7 +194,7 @@ async def test_a_failing_prefill_ends_only_its_prompt_even_when_shared(
     make_engine: EngineFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine = await make_engine()
-    victim_ids = engine.prompt_token_ids(_victim())
+    victim_ids = engine.render(_victim())
     original = ModelRunner.prefill
 
     def prefill(self: ModelRunner, token_ids: list[list[int]], past: Any = None) -> Any:

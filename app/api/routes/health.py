@@ -21,7 +21,7 @@ async def health(state: StateDep) -> JSONResponse:
     except UNAVAILABLE_ERRORS as error:
         db = describe_db_error(error)
     stats = state.engine_stats()
-    failure = getattr(state.engine, "failure", None)
+    failure = state.engine.failure
     if failure is not None:
         status = "failed"
     elif state.draining or (stats is not None and not stats.accepting and state.engine_started):
