@@ -19,6 +19,7 @@ Every function raises before anything is queued; none changes the engine's state
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from app.inference.limits import (
@@ -78,6 +79,16 @@ def prompt_token_ids(tokenizer: Any, request: GenerationRequest, model_name: str
         ) from None
     # The template already wrote the special tokens; the tokenizer must not add a second BOS.
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def submitted_prompt_ids(
+    request: GenerationRequest, render: Callable[[GenerationRequest], list[int]]
+) -> list[int]:
+    """The ids submit() queues: those the serving layer rendered (`request.prompt_token_ids`), else
+    `render(request)` (the engine's own Engine.render)."""
+    if request.prompt_token_ids is not None:
+        return list(request.prompt_token_ids)
+    return render(request)
 
 
 def check_prompt(

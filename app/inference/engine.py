@@ -436,9 +436,7 @@ class InferenceEngine:
         if not self._accepting:
             raise EngineClosedError("the engine is not accepting requests (not started or shutting down)")
         params = self._checked_params(request.params, request.request_id)
-        prompt_ids = (
-            list(request.prompt_token_ids) if request.prompt_token_ids is not None else self.render(request)
-        )
+        prompt_ids = admission.submitted_prompt_ids(request, self.render)
         admission.check_prompt(
             request,
             params,

@@ -406,9 +406,7 @@ class VLLMEngine:
         """Queue a request; raises at once when it cannot be served (see types.py for the errors)."""
         if not self._accepting or self._llm is None:
             raise EngineClosedError("the engine is not accepting requests (not started or shutting down)")
-        prompt_ids = (
-            list(request.prompt_token_ids) if request.prompt_token_ids is not None else self.render(request)
-        )
+        prompt_ids = admission.submitted_prompt_ids(request, self.render)
         self._validate(request, len(prompt_ids))
         sampling_params = self._sampling_params(request.params)
         capacity = self.config.max_batch_size + self.config.max_queue
